@@ -1,0 +1,85 @@
+"""Adapter checkpoints hold adapters and head only, refuse another base, and are written atomically."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from petal_runtime.errors import PetalError
+from petal_train.backbones.sface import base_weights_sha256
+from petal_train.checkpoint import AdapterCheckpoint, load_checkpoint
+from petal_train.lora import adapter_state_dict
+from petal_train.model import build_recognizer
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    built = build_recognizer("sface", mode="petal", rank=8)
+    torch.manual_seed(1)
+    for name, p in built.recognizer.backbone.named_parameters():
+        if "trainable_lora_up" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    return built
+
+
+def _checkpoint(built, base_sha=None) -> AdapterCheckpoint:
+    return AdapterCheckpoint(backbone="sface", base_sha256=base_sha or base_weights_sha256(), lora=built.lora,
+                             adapters=adapter_state_dict(built.recognizer.backbone), iqa_sha256="ab" * 32,
+                             iqa_threshold=0.71, head={"weight": torch.randn(5, 128)},
+                             training={"epochs": 1})
+
+
+def test_checkpoint_holds_adapters_and_head_but_not_the_base(trained_like, tmp_path):
+    path = _checkpoint(trained_like).save(tmp_path / "ckpt.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["adapters"] and all("trainable_lora" in k for k in raw["adapters"])
+    assert not raw["backbone_state"]
+    assert path.stat().st_size < 10 * 1024 * 1024  # the base alone is 38 MB
+    assert raw["iqa"] == {"sha256": "ab" * 32, "threshold": pytest.approx(0.71), "alpha_clip": True}
+
+
+def test_round_trip_restores_the_same_recognizer(trained_like, tmp_path, aligned_batch):
+    path = _checkpoint(trained_like).save(tmp_path / "ckpt.pt")
+    fresh = build_recognizer("sface", mode="petal", rank=8)
+    load_checkpoint(path).apply_to(fresh.recognizer.backbone, base_weights_sha256())
+    image, alpha = torch.from_numpy(aligned_batch), torch.rand(len(aligned_batch), 1)
+    with torch.no_grad():
+        assert torch.allclose(fresh.recognizer.eval()(image, alpha), trained_like.recognizer.eval()(image, alpha))
+
+
+def test_checkpoint_for_another_base_is_refused(trained_like, tmp_path):
+    path = _checkpoint(trained_like, base_sha="0" * 64).save(tmp_path / "other.pt")
+    fresh = build_recognizer("sface", mode="petal", rank=8)
+    with pytest.raises(PetalError, match="wrong base weights"):
+        load_checkpoint(path).apply_to(fresh.recognizer.backbone, base_weights_sha256())
+
+
+def test_checkpoint_with_another_rank_is_refused(trained_like, tmp_path):
+    path = _checkpoint(trained_like).save(tmp_path / "ckpt.pt")
+    other = build_recognizer("sface", mode="petal", rank=4)
+    with pytest.raises((PetalError, RuntimeError)):
+        load_checkpoint(path).apply_to(other.recognizer.backbone, base_weights_sha256())
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip"])
+def test_damaged_files_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(PetalError, match="not a readable PETAL checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_plain_state_dict_is_not_an_adapter_checkpoint(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(PetalError, match="not a PETAL adapter checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_failed_save_leaves_no_file_behind(trained_like, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError):
+        _checkpoint(trained_like).save(tmp_path / "ckpt.pt")
+    assert list(tmp_path.iterdir()) == []
