@@ -132,6 +132,21 @@ def test_swin_rejects_a_wrong_input_size() -> None:
         create_model("swin_petal", **SMALL_SWIN)(torch.zeros(1, 3, 112, 112))
 
 
+@torch.no_grad()
+def test_swin_reproduces_the_official_unmasked_shift_unless_asked() -> None:
+    """Official checkpoints were trained with the shifted-window mask computed but never added."""
+    model = create_model("swin_petal", **SMALL_SWIN)
+    x = images(1, 120) / 127.5 - 1
+    before = model(x)
+    masked = create_model("swin_petal", shift_mask=True, **SMALL_SWIN)
+    masked.load_state_dict(model.state_dict(), strict=True)
+    for name, buffer in model.named_buffers():
+        if name.endswith("attn_mask"):
+            buffer.fill_(-1e4)
+    torch.testing.assert_close(model(x), before)
+    assert (masked(x) - before).abs().max() > 1e-4
+
+
 # --- the full Swin: official layout, adapters, trainable share ----------------------------------
 
 @needs_fixtures
