@@ -1,0 +1,108 @@
+"""The runner interface every backend implements (after Polygraphy's BaseRunner).
+
+A loader builds or loads a model lazily (it is a callable); a runner owns what the loader returns
+while it is active and runs it on a dict of named arrays:
+
+    with OnnxrtRunner(SessionFromOnnx("recognizer.onnx")) as runner:
+        outputs = runner.infer({"image": faces, "alpha": alpha})   # {"embedding": ...}
+
+A new backend is a new folder under petal_runtime/backends with a loader and a runner, plus a
+`BACKEND` description in its __init__.py; nothing else changes.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output: name, numpy dtype and shape (None for a dynamic axis)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+
+class Runner(abc.ABC):
+    """activate() / infer(dict) -> dict / deactivate(); also a context manager."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_active = False
+
+    # --- lifecycle
+    def activate(self) -> None:
+        if not self.is_active:
+            self.activate_impl()
+            self.is_active = True
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            try:
+                self.deactivate_impl()
+            finally:
+                self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    # --- inference
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on named inputs; returns every output by name. The batch may be of any size."""
+        if not self.is_active:
+            raise RuntimeError(f"runner {self.name} is not active: call activate() or use it in a with block")
+        expected = {t.name for t in self.inputs()}
+        missing, extra = expected - feed.keys(), feed.keys() - expected
+        if missing or extra:
+            raise ValueError(f"runner {self.name} takes inputs {sorted(expected)}, got {sorted(feed)}")
+        return self.infer_impl(feed)
+
+    @abc.abstractmethod
+    def inputs(self) -> list[TensorInfo]: ...
+
+    @abc.abstractmethod
+    def outputs(self) -> list[TensorInfo]: ...
+
+    def metadata(self) -> dict[str, str]:
+        """The model's string metadata (ONNX metadata_props); empty where the format has none."""
+        return {}
+
+    def description(self) -> str:
+        """One line naming the backend and where it runs (for logs and the JSON report)."""
+        return self.name
+
+    @abc.abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend folder tells the rest of the runtime about itself.
+
+    `unusable(models_dir, graph)` returns None when the backend can run that graph ("recognizer" or
+    "iqa") from that folder here, else the reason it cannot (missing library, no GPU, no file);
+    it must be cheap and must not raise. `create(models_dir, graph, **options)` returns an inactive
+    Runner. `priority`: auto picks the usable backend with the highest.
+    """
+
+    name: str
+    priority: int
+    unusable: Callable[[Path, str], str | None]
+    create: Callable[..., Runner]
+    summary: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)

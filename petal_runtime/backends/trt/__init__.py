@@ -1,0 +1,55 @@
+"""TensorRT backend: PETAL engine files (see loader.py) run through the TensorRT 10 Python API.
+
+Nothing here imports tensorrt, pycuda or cuda-python at import time; the first use does, and a
+missing library is a PetalError that says what to install.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from ..base import BackendSpec
+from .loader import (EngineFromFile, EngineHeader, check_engine_header, find_engine, import_tensorrt,
+                     read_engine_file, read_engine_header, write_engine_file)
+from .memory import DeviceInfo, get_memory, probe_gpu
+from .runner import TrtRunner
+
+
+def tensorrt_missing() -> str | None:
+    try:
+        import_tensorrt()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu() -> tuple[DeviceInfo | None, str]:
+    return probe_gpu()
+
+
+def _unusable(models_dir: Path, graph: str) -> str | None:
+    if find_engine(models_dir, graph) is None:
+        return f"no {graph} TensorRT engine in {models_dir} (petal-export --fp16 on a GPU machine builds them)"
+    reason = tensorrt_missing()
+    if reason:
+        return reason
+    device, why = _gpu()
+    return None if device is not None else f"no usable GPU ({why})"
+
+
+def create(models_dir: Path, graph: str, memory=None, engine: str | Path | None = None, **_) -> TrtRunner:
+    path = Path(engine) if engine else find_engine(models_dir, graph)
+    if path is None:
+        from ...errors import PetalError
+
+        raise PetalError(f"no {graph} TensorRT engine in {models_dir}")
+    return TrtRunner(EngineFromFile(path), memory=memory)
+
+
+BACKEND = BackendSpec("tensorrt", priority=20, unusable=_unusable, create=create,
+                      summary="TensorRT engines on an NVIDIA GPU (pycuda or cuda-python for memory)",
+                      aliases=("trt",))
+
+__all__ = ["BACKEND", "EngineFromFile", "EngineHeader", "TrtRunner", "check_engine_header", "find_engine",
+           "get_memory", "probe_gpu", "read_engine_file", "read_engine_header", "write_engine_file"]

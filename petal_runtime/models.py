@@ -1,0 +1,178 @@
+"""An exported models folder (recognizer + IQA + manifest) behind the chosen backend.
+
+    models = Models.from_dir("exported/", backend="auto")
+    q = models.quality(faces)                  # faces: float32 [N, 3, 112, 112] RGB 0..255
+    e = models.embed(faces, models.alpha(q))   # [N, D], L2-normalised
+
+The folder is what petal-export writes: `recognizer.onnx`, `iqa.onnx`, `manifest.json` and, on GPU
+machines, TensorRT engines. `fingerprint` identifies the models a gallery was built with.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import AUTO, choose_backend
+from .backends.base import Runner
+from .contract import IQA_FILE, MANIFEST_FILE, RECOGNIZER_FILE, Manifest
+from .errors import PetalError
+from .files import sha256_file
+
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """sha256 of the recognizer and IQA graphs, and one combined digest galleries are tied to."""
+
+    recognizer_sha256: str
+    iqa_sha256: str
+    models_sha256: str
+    embedding_size: int
+    backbone: str
+
+    def to_dict(self) -> dict:
+        return {"models_sha256": self.models_sha256, "recognizer_sha256": self.recognizer_sha256,
+                "iqa_sha256": self.iqa_sha256, "embedding_size": self.embedding_size, "backbone": self.backbone}
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
+def fingerprint(models_dir: str | Path, manifest: Manifest | None = None) -> Fingerprint:
+    """Digest of the FP32 graphs (from the manifest's file list where it has them; else hashed here).
+
+    The IQA graph is part of it because alpha, and so every embedding, depends on its output.
+    """
+    models_dir = Path(models_dir)
+    manifest = manifest or Manifest.load(models_dir)
+    digests = []
+    for name in (RECOGNIZER_FILE, IQA_FILE):
+        digest = manifest.files.get(name)
+        if not digest:
+            path = models_dir / name
+            if not path.is_file():
+                raise PetalError(f"{path} not found: {models_dir} is not a complete petal-export folder")
+            digest = _file_sha256(path)
+        digests.append(digest)
+    combined = hashlib.sha256(
+        f"recognizer:{digests[0]}\niqa:{digests[1]}\nthreshold:{manifest.iqa_threshold!r}\n"
+        f"clip:{manifest.alpha_clip}\n".encode()).hexdigest()
+    return Fingerprint(digests[0], digests[1], combined, int(manifest.embedding_size), manifest.backbone)
+
+
+class Models:
+    def __init__(self, models_dir: str | Path, backend: str = AUTO, threads: int | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH, providers: list[str] | None = None) -> None:
+        self.dir = Path(models_dir)
+        if not self.dir.is_dir():
+            raise PetalError(f"models folder {self.dir} does not exist (petal-export writes one)")
+        if not (self.dir / MANIFEST_FILE).is_file():
+            raise PetalError(f"no {MANIFEST_FILE} in {self.dir}: point --models at a petal-export output folder")
+        self.manifest = Manifest.load(self.dir)
+        for name in (RECOGNIZER_FILE, IQA_FILE):
+            if not (self.dir / name).is_file():
+                raise PetalError(f"{name} missing from {self.dir}: re-run petal-export")
+        self.fingerprint = fingerprint(self.dir, self.manifest)
+        self.backend, self.backend_notes = choose_backend(backend, self.dir)
+        options = {"threads": threads, "providers": providers}
+        self.recognizer: Runner = self.backend.create(self.dir, "recognizer", **options)
+        self.iqa: Runner = self.backend.create(self.dir, "iqa", **options)
+        self.max_batch = max(1, int(max_batch))
+        self.embedding_size = int(self.manifest.embedding_size)
+        self.recognizer_calls = 0
+        self.recognizer_faces = 0
+        self._lock = threading.Lock()
+        try:
+            self.recognizer.activate()
+            self.iqa.activate()
+            self._check_contract()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def from_dir(cls, models_dir: str | Path, **kwargs) -> "Models":
+        return cls(models_dir, **kwargs)
+
+    def _check_contract(self) -> None:
+        m = self.manifest
+        for runner, inputs, outputs in ((self.recognizer, {m.image_input, m.alpha_input}, {m.embedding_output}),
+                                        (self.iqa, {m.image_input}, {m.quality_output})):
+            have_in = {t.name for t in runner.inputs()}
+            have_out = {t.name for t in runner.outputs()}
+            if have_in != inputs or not outputs <= have_out:
+                raise PetalError(f"{runner.name} has inputs {sorted(have_in)} and outputs {sorted(have_out)}; "
+                                 f"the contract wants {sorted(inputs)} -> {sorted(outputs)}")
+            meta = runner.metadata()
+            if any(k.startswith("petal.contract_version") for k in meta):
+                graph = Manifest.from_metadata(meta)  # raises on another contract version
+                if graph.embedding_size != m.embedding_size:
+                    raise PetalError(f"{runner.name} says embedding size {graph.embedding_size}, "
+                                     f"manifest says {m.embedding_size}")
+        out = next(t for t in self.recognizer.outputs() if t.name == m.embedding_output)
+        if out.shape and out.shape[-1] is not None and out.shape[-1] != m.embedding_size:
+            raise PetalError(f"{self.recognizer.name} outputs {out.shape[-1]}-d embeddings, "
+                             f"manifest says {m.embedding_size}")
+
+    def description(self) -> str:
+        return self.recognizer.description()
+
+    def alpha(self, quality: np.ndarray) -> np.ndarray:
+        return np.asarray(self.manifest.alpha(np.asarray(quality, np.float32)), np.float32)
+
+    def quality(self, faces: np.ndarray) -> np.ndarray:
+        """IQA on float32 [N, 3, H, W] RGB 0..255 faces -> quality [N]."""
+        if len(faces) == 0:
+            return np.zeros(0, np.float32)
+        parts = []
+        for start in range(0, len(faces), self.max_batch):
+            out = self.iqa.infer({self.manifest.image_input: faces[start:start + self.max_batch]})
+            parts.append(np.asarray(out[self.manifest.quality_output], np.float32).reshape(-1))
+        return np.concatenate(parts)
+
+    def embed(self, faces: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """Recognizer on faces with per-sample alpha [N] or [N, 1] -> L2-normalised [N, D]."""
+        if len(faces) == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        alpha = np.asarray(alpha, np.float32).reshape(-1, 1)
+        parts = []
+        for start in range(0, len(faces), self.max_batch):
+            end = start + self.max_batch
+            out = self.recognizer.infer({self.manifest.image_input: faces[start:end],
+                                         self.manifest.alpha_input: alpha[start:end]})
+            parts.append(np.asarray(out[self.manifest.embedding_output], np.float32))
+            with self._lock:
+                self.recognizer_calls += 1
+        embeddings = np.concatenate(parts)
+        with self._lock:
+            self.recognizer_faces += len(faces)
+        if embeddings.shape[1] != self.embedding_size:
+            raise PetalError(f"the recognizer produced {embeddings.shape[1]}-d embeddings, "
+                             f"the manifest says {self.embedding_size}")
+        # The contract promises L2-normalised output; renormalising costs nothing and absorbs FP16 drift.
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        return embeddings / np.maximum(norms, 1e-12)
+
+    def close(self) -> None:
+        for runner in (getattr(self, "recognizer", None), getattr(self, "iqa", None)):
+            if runner is not None:
+                runner.deactivate()
+
+    def __enter__(self) -> "Models":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,149 @@
+"""Helpers for the runtime tests: an exported models folder, synthetic clips, galleries.
+
+The models folder comes from `petal_export.export_models` once the exporter provides it; until then
+from a small torch.onnx export of the untrained PETAL SFace recognizer (adapters at zero, so it
+equals SFace) and the CNNIQA scorer, with a Manifest. Exports are cached on disk under
+.pytest_cache, keyed by the sources they depend on, and in memory for the session.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
+CACHE = REPO / ".pytest_cache" / "petal-runtime"
+MODEL_SOURCES = ("petal_train/lora.py", "petal_train/model.py", "petal_train/iqa.py", "petal_train/backbones/sface.py",
+                 "petal_runtime/contract.py")
+CLIP_SOURCES = ("petal_train/synth.py", "petal_train/degrade.py")
+IQA_WEIGHTS = REPO / "petal_train" / "weights" / "iqa_faces.pth"
+
+
+def _key(sources: tuple[str, ...], *extra: str) -> str:
+    digest = hashlib.sha256()
+    for rel in sources:
+        path = REPO / rel
+        digest.update(path.read_bytes() if path.is_file() else b"-")
+    if sources is MODEL_SOURCES and IQA_WEIGHTS.is_file():
+        digest.update(IQA_WEIGHTS.read_bytes())
+    for e in extra:
+        digest.update(e.encode())
+    return digest.hexdigest()[:16]
+
+
+def _exporter():
+    try:
+        from petal_export import export_models  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return export_models
+
+
+def _torch_export(out: Path) -> None:
+    """Stand-in for petal-export: the two graphs with the contract's names and a manifest."""
+    import onnx
+    import torch
+
+    from petal_runtime.contract import Manifest
+    from petal_runtime.files import sha256_file
+    from petal_train.iqa import CNNIQA, QualityScorer, load_iqa
+    from petal_train.model import build_recognizer
+
+    torch.manual_seed(0)
+    built = build_recognizer("sface")
+    recognizer = built.recognizer.eval()
+    if IQA_WEIGHTS.is_file():
+        net, _ = load_iqa(IQA_WEIGHTS)
+    else:
+        net = CNNIQA().eval()
+    scorer = QualityScorer(net).eval()
+    image = torch.rand(2, 3, 112, 112) * 255
+    alpha = torch.full((2, 1), 0.5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(recognizer, (image, alpha), str(out / "recognizer.onnx"), input_names=["image", "alpha"],
+                          output_names=["embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {0: "N"}, "alpha": {0: "N"}, "embedding": {0: "N"}})
+        torch.onnx.export(scorer, (image,), str(out / "iqa.onnx"), input_names=["image"], output_names=["quality"],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "quality": {0: "N"}})
+        # The gate threshold: the median quality of random-ish faces keeps alpha away from its clips.
+        threshold = float(scorer(torch.rand(16, 3, 112, 112) * 255).median())
+    manifest = Manifest(backbone="sface", embedding_size=built.spec.embedding_size, norm_mean=built.spec.norm_mean,
+                        norm_std=built.spec.norm_std, iqa_threshold=threshold)
+    for name in ("recognizer.onnx", "iqa.onnx"):
+        model = onnx.load(str(out / name))
+        for key, value in manifest.to_metadata().items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(out / name))
+        manifest.files[name] = sha256_file(out / name)
+    (out / "manifest.json").write_text(manifest.to_json())
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def exported_models() -> Path:
+    exporter = _exporter()
+    if exporter is not None:
+        def build(out: Path) -> None:
+            exporter("default", out)
+        return _atomic_dir(CACHE / f"models-export-{_key(MODEL_SOURCES, 'petal_export')}", build)
+    return _atomic_dir(CACHE / f"models-{_key(MODEL_SOURCES, _torch_export.__code__.co_code.hex())}", _torch_export)
+
+
+@functools.lru_cache(maxsize=None)
+def lfw_clip(seconds: float = 3.0, width: int = 640, height: int = 360, count: int = 3, seed: int = 1,
+             face_px: tuple[int, int] = (28, 48)) -> "object":
+    """A clip of `count` LFW10 people (their first usable photo) and its ground truth."""
+    from petal_train.synth import SynthClip, SynthConfig, TrackTruth, make_clip, people_from_folder
+
+    key = _key(CLIP_SOURCES, f"lfw{seconds}{width}{height}{count}{seed}{face_px}")
+    path = CACHE / f"clip-{key}.mp4"
+    truth = path.with_suffix(".truth.json")
+    if path.is_file() and truth.is_file():
+        data = json.loads(truth.read_text())
+        data["path"] = Path(data["path"])
+        data["tracks"] = [TrackTruth(**{**t, "face_px": tuple(t["face_px"])}) for t in data["tracks"]]
+        return SynthClip(**data)
+    people = people_from_folder(SHARED_FACES / "lfw10", per_identity=1)
+    order = np.random.default_rng(seed).permutation(len(people))[:count]
+    config = SynthConfig(width=width, height=height, seconds=seconds, face_px=face_px, seed=seed)
+    return make_clip(path, [people[i] for i in order], config)
+
+
+def lfw_gallery_folder(skip_first: int = 1, per_identity: int = 4) -> Path:
+    """LFW10 identity folders with each person's photos after the first (the clip uses the first)."""
+    target = CACHE / f"lfw-gallery-{skip_first}-{per_identity}"
+
+    def build(out: Path) -> None:
+        for person in sorted((SHARED_FACES / "lfw10").iterdir()):
+            files = sorted(person.glob("*.jpg"))[skip_first:skip_first + per_identity]
+            (out / person.name).mkdir()
+            for f in files:
+                shutil.copy(f, out / person.name / f.name)
+
+    return _atomic_dir(target, build)
