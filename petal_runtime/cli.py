@@ -1,0 +1,344 @@
+"""`petal-run` (find who is in a video) and `petal-gallery` (the people it can name).
+
+    petal-gallery build faces/ --models exported/ -o gallery.npy
+    petal-run clip.mp4 --gallery gallery.npy --json out.json --annotate out.mp4
+
+Exit status of petal-run: 0 when the source was read to its end (damaged packets skipped and
+counted), 1 when processing stopped early on an error after some frames, 2 when nothing could be
+processed (not a video, missing models, wrong gallery), 130 on Ctrl-C. The JSON report is written in
+every case, with the results so far and a `status` of complete, partial, error or interrupted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import PetalError, exit_on_user_error
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _quiet_opencv() -> None:
+    import cv2
+
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # pragma: no cover - builds without the logging module
+        pass
+
+
+def _backend_option(func):
+    from .backends import backend_names
+
+    return click.option("--backend", type=click.Choice(backend_names()), default="auto", show_default=True,
+                        help="auto: TensorRT where importable, a GPU answers and engines exist; else ONNX Runtime.")(func)
+
+
+class _Progress:
+    """One self-rewriting line on stderr (only on a terminal unless forced)."""
+
+    def __init__(self, total: int | None, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.count = 0
+
+    def update(self, frame_count: int, tracks: int, force: bool = False) -> None:
+        self.count = frame_count
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < 0.25):
+            return
+        self.last = now
+        fps = frame_count / max(now - self.start, 1e-9)
+        if self.total:
+            share = min(1.0, frame_count / self.total)
+            bar = "#" * int(share * 24)
+            text = f"[{bar:<24}] {frame_count}/{self.total} frames"
+        else:
+            text = f"{frame_count} frames"
+        click.echo(f"\r{text}  {fps:5.1f} fps  {tracks} tracks ", nl=False, err=True)
+
+    def finish(self, tracks: int) -> None:
+        if self.enabled:
+            self.update(self.count, tracks, force=True)
+            click.echo("", err=True)
+
+
+def _track_table(tracks: list[dict]) -> str:
+    header = f"{'track':>5}  {'identity':<28} {'score':>6}  {'frames':>6}  {'first':>6}  {'last':>6}  {'best q':>7}"
+    lines = [header, "-" * len(header)]
+    for t in tracks:
+        score = "-" if t["score"] is None else f"{t['score']:.3f}"
+        best = "-" if t["best_quality"] is None else f"{t['best_quality']:.3f}"
+        lines.append(f"{t['track_id']:>5}  {t['identity'][:28]:<28} {score:>6}  {t['frames']:>6}  "
+                     f"{t['first_frame']:>6}  {t['last_frame']:>6}  {best:>7}")
+    if not tracks:
+        lines.append("(no face tracks)")
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, report: dict) -> None:
+    from .files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report, indent=1, allow_nan=False))
+
+
+def _models_dir_from_gallery(gallery: Path) -> Path | None:
+    from .gallery import meta_path
+
+    try:
+        meta = json.loads(meta_path(gallery).read_text())
+    except (OSError, ValueError):
+        return None
+    folder = meta.get("models_dir")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+# ----------------------------------------------------------------------------- petal-run
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("video")
+@click.option("--gallery", "gallery_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Gallery from petal-gallery build.")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="petal-export output folder (default: the one the gallery was built with).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write per-track and per-frame results here (default: VIDEO's name + .petal.json).")
+@click.option("--annotate", "annotate_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a video with boxes, names and quality here (.mp4).")
+@_backend_option
+@click.option("--threshold", default=0.3, show_default=True, help="Open-set cosine threshold: below it, unknown.")
+@click.option("--top-k", default=5, show_default=True, help="Gallery candidates reported per track.")
+@click.option("--min-face", default=16, show_default=True, help="Smallest face (px) to detect; down to 10.")
+@click.option("--detect-every", default=4, show_default=True,
+              help="Full-frame detection every N frames; in between only around live tracks (1: always).")
+@click.option("--selection", type=click.Choice(["best", "all"]), default="best", show_default=True,
+              help="Run the recognizer on each track's best crops only, or on every crop.")
+@click.option("--per-track", default=3, show_default=True, help="Best crops per track for --selection best.")
+@click.option("--min-track-frames", default=3, show_default=True, help="Shorter tracks are left out of the report.")
+@click.option("--drop", type=click.Choice(["auto", "block", "drop-oldest", "drop-newest"]), default="auto",
+              show_default=True, help="When the pipeline falls behind: auto blocks on files, drops on live streams.")
+@click.option("--threads", type=int, default=None, help="Threads per ONNX Runtime session (default: its own).")
+@click.option("--max-frames", type=int, default=None, help="Stop after this many frames (streams, cameras).")
+@click.option("--no-frames", is_flag=True, help="Leave the per-frame list out of the JSON.")
+@click.option("--progress/--no-progress", default=None, help="Progress line on stderr (default: on a terminal).")
+def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, threshold, top_k, min_face,
+            detect_every, selection, per_track, min_track_frames, drop, threads, max_frames, no_frames, progress):
+    """Find who is in VIDEO: a video file, a folder of images, an rtsp://, http:// URL or camera:N."""
+    from .pipeline import Pipeline, PipelineConfig
+    from .sources import open_source
+
+    _quiet_opencv()
+    json_out = json_out or Path(f"{Path(str(video)).name}.petal.json")
+    report: dict = {"source": str(video), "status": "error", "error": None, "models": None, "gallery": str(gallery_path),
+                    "tracks": [], "frames": [], "stats": {}, "source_stats": {}}
+    pipeline = None
+    source = None
+    writer = None
+    frames: list[dict] = []
+    exit_code = 0
+    started = time.perf_counter()
+    bar = None
+    try:
+        if models_dir is None:
+            models_dir = _models_dir_from_gallery(gallery_path)
+            if models_dir is None:
+                raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
+        config = PipelineConfig(min_face=min_face, detect_every=detect_every, open_set_threshold=threshold,
+                                top_k=top_k, selection=selection, per_track=per_track, drop=drop)
+        pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads)
+        report["models"] = {"dir": str(models_dir), "backend": pipeline.models.backend.name,
+                            "runs_on": pipeline.models.description(), **pipeline.models.fingerprint.to_dict(),
+                            "iqa_threshold": pipeline.models.manifest.iqa_threshold,
+                            "precision": pipeline.models.manifest.precision,
+                            "contract_version": pipeline.models.manifest.contract_version}
+        report["gallery"] = {"path": str(gallery_path), "identities": len(pipeline.gallery)}
+        source = open_source(video)
+        report["source_info"] = source.describe()
+        if annotate_out is not None:
+            from .annotate import VideoWriter
+
+            writer = VideoWriter(annotate_out, source.fps)
+        show = progress if progress is not None else sys.stderr.isatty()
+        bar = _Progress(source.total_frames, show)
+        draw = None
+        if writer is not None:
+            from .annotate import draw_faces as draw
+        for result in pipeline.run(source, keep_images=writer is not None):
+            if not no_frames:
+                frames.append(result.to_dict())
+            if writer is not None:
+                writer.write(draw(result.image, result.faces, result.index))
+            bar.update(pipeline.stats.frames, len(pipeline.tracker.tracks))
+            if max_frames is not None and pipeline.stats.frames >= max_frames:
+                break
+        report["status"] = "complete"
+    except KeyboardInterrupt:
+        report["status"] = "interrupted"
+        exit_code = 130
+    except PetalError as exc:
+        report["error"] = str(exc)
+        processed = pipeline.stats.frames if pipeline is not None else 0
+        report["status"] = "partial" if processed else "error"
+        exit_code = 1 if processed else exc.exit_code
+    finally:
+        if bar is not None:
+            bar.finish(len(pipeline.tracker.tracks) if pipeline is not None else 0)
+        if source is not None:
+            source.close()
+            report["source_stats"] = source.stats.to_dict()
+        if writer is not None:
+            try:
+                written = writer.close()
+                report["annotated_video"] = str(written) if written else None
+            except Exception as exc:  # the report must still be written
+                report["annotated_video_error"] = str(exc)
+        if pipeline is not None:
+            canonical = pipeline.canonical
+            for frame in frames:
+                for face in frame["faces"]:
+                    face["track_id"] = canonical(face["track_id"])
+            tracks = [t.to_dict() for t in pipeline.tracks(min_frames=min_track_frames)]
+            report["tracks"] = tracks
+            report["stats"] = {**pipeline.stats.to_dict(),
+                               "short_tracks_left_out": len(pipeline.tracks()) - len(tracks)}
+            pipeline.close()
+        report["frames"] = frames
+        report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
+        _write_json(json_out, report)
+    processed = report["stats"].get("frames", 0)
+    if report["status"] in ("complete", "interrupted", "partial"):
+        click.echo(_track_table(report["tracks"]))
+        stats = report["stats"]
+        click.echo(f"{processed} frames, {stats.get('faces', 0)} faces, recognizer on {stats.get('recognized', 0)} "
+                   f"({100 * stats.get('selection_saving', 0):.0f}% saved by quality-aware selection), "
+                   f"{stats.get('fps', 0):.1f} fps on {report['models']['runs_on']}")
+    src = report.get("source_stats") or {}
+    if src.get("broken_packets") or src.get("corrupt_frames") or src.get("unreadable_images"):
+        click.echo(f"warning: {src.get('broken_packets', 0)} broken packets and {src.get('corrupt_frames', 0)} damaged "
+                   f"frames skipped or decoded past" + (f", {src['unreadable_images']} unreadable images"
+                                                        if src.get("unreadable_images") else ""), err=True)
+    if report.get("stats", {}).get("dropped_frames"):
+        click.echo(f"warning: {report['stats']['dropped_frames']} frames dropped (the pipeline fell behind)", err=True)
+    click.echo(f"results: {json_out}" + (f", annotated video: {report['annotated_video']}"
+                                          if report.get("annotated_video") else ""), err=True)
+    if report["status"] == "complete" and processed == 0:
+        detail = "; ".join(src.get("errors", [])[:2])
+        raise PetalError(f"no frame could be decoded from {video}" + (f" ({detail})" if detail else ""))
+    if exit_code == 130:
+        click.echo("interrupted", err=True)
+        sys.exit(130)  # click would turn a re-raised KeyboardInterrupt into "Aborted!" and 1
+    if exit_code:
+        if exit_code == 1:
+            click.echo(f"error: {report['error']} (after {processed} frames)", err=True)
+            sys.exit(1)
+        raise PetalError(report["error"])
+
+
+run_main = exit_on_user_error(run_cli)
+
+
+# ----------------------------------------------------------------------------- petal-gallery
+
+
+@click.group(context_settings=CONTEXT)
+def gallery_cli() -> None:
+    """The people petal-run can name: a structured .npy (no pickle) plus a .json naming its models."""
+
+
+def _open_models(models_dir: Path, backend: str, gallery=None):
+    from .models import Models
+
+    _quiet_opencv()
+    return Models.from_dir(models_dir, backend=backend)
+
+
+def _report_skips(report) -> None:
+    for label, items in (("unreadable", report.unreadable), ("without a detectable face", report.no_face)):
+        if items:
+            click.echo(f"skipped {len(items)} image(s) {label}: {', '.join(Path(p).name for p in items[:5])}"
+                       + (" ..." if len(items) > 5 else ""), err=True)
+
+
+@gallery_cli.command("build")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--models", "models_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="gallery .npy")
+@_backend_option
+def gallery_build(folder: Path, models_dir: Path, out: Path, backend: str) -> None:
+    """Build a gallery from FOLDER/<identity>/<images> (each identity's images are averaged)."""
+    from .gallery import build_gallery
+
+    with _open_models(models_dir, backend) as models:
+        gallery, report = build_gallery(models, folder, progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
+        gallery.meta["models_dir"] = str(models_dir.resolve())
+        gallery.save(out)
+    _report_skips(report)
+    click.echo(f"{out}: {len(gallery)} identities from {report.used} images, {gallery.dim}-d")
+
+
+@gallery_cli.command("add")
+@click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="All SOURCES (images or folders) are this one person; "
+                                           "without it, each SOURCE is a folder of identity folders.")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Default: the models folder the gallery was built with.")
+@_backend_option
+def gallery_add(gallery_path: Path, sources, name, models_dir, backend) -> None:
+    """Add people (or more images of people already in it) to a gallery."""
+    from .gallery import EmbedReport, Gallery, ImageFaceAligner, embed_images, identity_folders, image_files
+
+    models_dir = models_dir or _models_dir_from_gallery(gallery_path)
+    if models_dir is None:
+        raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
+    with _open_models(models_dir, backend) as models:
+        gallery = Gallery.load(gallery_path, models.fingerprint)
+        report, aligner = EmbedReport(), ImageFaceAligner()
+        groups = {name: image_files(sources)} if name else {
+            k: v for root in sources for k, v in identity_folders(root).items()}
+        added = []
+        for person, paths in groups.items():
+            embeddings = embed_images(models, paths, aligner, report)
+            if len(embeddings):
+                gallery.add(person, embeddings)
+                added.append(f"{person} ({len(embeddings)})")
+        gallery.save(gallery_path)
+    _report_skips(report)
+    if not added:
+        raise PetalError("no face found in the given images; the gallery is unchanged")
+    click.echo(f"{gallery_path}: added {', '.join(added)}; {len(gallery)} identities")
+
+
+@gallery_cli.command("remove")
+@click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("names", nargs=-1, required=True)
+def gallery_remove(gallery_path: Path, names) -> None:
+    """Remove identities by name."""
+    from .gallery import Gallery
+
+    gallery = Gallery.load(gallery_path)
+    gallery.remove(names)
+    gallery.save(gallery_path)
+    click.echo(f"{gallery_path}: removed {', '.join(names)}; {len(gallery)} identities")
+
+
+@gallery_cli.command("list")
+@click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
+def gallery_list(gallery_path: Path) -> None:
+    """Identities, their image counts, and the models the gallery belongs to."""
+    from .gallery import Gallery
+
+    gallery = Gallery.load(gallery_path)
+    for row in gallery.entries:
+        click.echo(f"{str(row['name']):<40} {int(row['count']):>4} image(s)")
+    click.echo(f"{len(gallery)} identities, {gallery.dim}-d, models sha256 "
+               f"{str(gallery.meta.get('models_sha256', '?'))[:16]}... ({gallery.meta.get('models_dir', '?')})")
+
+
+gallery_main = exit_on_user_error(gallery_cli)

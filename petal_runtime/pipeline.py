@@ -1,0 +1,510 @@
+"""The runtime pipeline: frames in, named tracks out.
+
+    pipeline = Pipeline.from_dir("exported/", "gallery.npy")
+    faces = pipeline.process(frame_bgr)            # one frame, synchronously -> list[FaceResult]
+    for result in pipeline.run("clip.mp4"):        # a whole source, threaded -> FrameResult per frame
+        ...
+    pipeline.tracks()                              # TrackSummary per person seen
+
+Per frame: YuNet detection (on a rescaled frame so faces down to `min_face` px are found; between
+full-frame passes, only around live tracks), five-point alignment to 112x112, IQA on every crop,
+alpha from the manifest's threshold, IoU/motion tracking, quality-aware selection of the crops the
+recognizer runs on (batched across faces and frames), quality-weighted track templates, and
+identification of each track against the gallery (top-k, "unknown" below the open-set threshold).
+
+`run` joins three stages with bounded queues: decoding, analysis (detect, align, IQA, track,
+select) and recognition (recognizer, templates, gallery). Memory stays flat on an endless stream;
+when the consumer is slower than a live source, frames are dropped by policy (`drop`), never
+buffered without bound.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import cv2
+import numpy as np
+
+from .align import align_face
+from .contract import FACE_SIZE, to_model_input
+from .detect import YUNET_MIN_FACE, Detection, FaceDetector
+from .errors import PetalError
+from .gallery import UNKNOWN, Gallery
+from .models import Models
+from .sources import Frame, Source, open_source
+from .tracking import SELECTION_MODES, Selection, Tracker
+
+DROP_POLICIES = ("auto", "block", "drop-oldest", "drop-newest")
+STAGES = ("decode", "detect", "align", "iqa", "track", "recognize", "identify")
+ROI_SIZE = 128  # side of the square a live track's neighbourhood is resampled to for re-detection
+ROI_FACTOR = 3.0  # that neighbourhood's side, in face sizes
+
+
+@dataclass
+class PipelineConfig:
+    min_face: int = 16  # smallest face (detector box width, frame pixels) to find
+    detect_scale: float | None = None  # None: YuNet's minimum / min_face (so min_face px faces are found)
+    detect_every: int = 4  # a full-frame detection pass every N frames; between them, around live tracks
+    detector_score: float = 0.6
+    nms_threshold: float = 0.3
+    open_set_threshold: float = 0.3  # cosine below which a track is "unknown"
+    top_k: int = 5
+    selection: str = "best"  # "best": recognizer on each track's best crops only; "all": on every crop
+    per_track: int = 3
+    selection_margin: float = 0.02
+    selection_interval: int = 3
+    iou_threshold: float = 0.2
+    max_missed: int = 12
+    template_size: int = 6
+    reid_threshold: float = 0.6
+    batch_size: int = 32
+    queue_size: int = 8
+    drop: str = "auto"  # block (files), drop-oldest (live sources), drop-newest
+
+    def __post_init__(self) -> None:
+        if self.min_face < 6:
+            raise PetalError(f"min_face {self.min_face} px is below what any detector finds (use 10 or more)")
+        if self.selection not in SELECTION_MODES:
+            raise PetalError(f"selection must be one of {', '.join(SELECTION_MODES)}, got {self.selection!r}")
+        if self.drop not in DROP_POLICIES:
+            raise PetalError(f"drop must be one of {', '.join(DROP_POLICIES)}, got {self.drop!r}")
+        if self.detect_every < 1 or self.batch_size < 1 or self.queue_size < 1:
+            raise PetalError("detect_every, batch_size and queue_size must be at least 1")
+
+    def scale(self) -> float:
+        if self.detect_scale is not None:
+            return float(self.detect_scale)
+        return float(np.clip(YUNET_MIN_FACE / self.min_face, 0.25, 2.0))
+
+
+@dataclass
+class FaceResult:
+    frame: int
+    track_id: int
+    box: np.ndarray  # x, y, w, h in frame pixels
+    landmarks: np.ndarray  # [5, 2]
+    detection_score: float
+    quality: float
+    alpha: float
+    recognized: bool  # the recognizer ran on this crop
+    identity: str = UNKNOWN
+    score: float = float("nan")
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"track_id": self.track_id, "box": [round(float(v), 1) for v in self.box],
+                "detection_score": round(self.detection_score, 3), "quality": round(self.quality, 4),
+                "alpha": round(self.alpha, 4), "recognized": self.recognized, "identity": self.identity,
+                "score": None if np.isnan(self.score) else round(float(self.score), 4)}
+
+
+@dataclass
+class FrameResult:
+    index: int
+    time: float | None
+    faces: list[FaceResult]
+    image: np.ndarray | None = None  # BGR, when run(keep_images=True)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "time": None if self.time is None else round(float(self.time), 4),
+                "faces": [f.to_dict() for f in self.faces]}
+
+
+@dataclass
+class TrackSummary:
+    track_id: int
+    identity: str
+    score: float
+    top_k: list[tuple[str, float]]
+    first_frame: int
+    last_frame: int
+    frames: int
+    best_quality: float
+    recognized: int  # crops the recognizer ran on
+    merged_ids: list[int]
+
+    def to_dict(self) -> dict:
+        return {"track_id": self.track_id, "identity": self.identity,
+                "score": None if np.isnan(self.score) else round(float(self.score), 4),
+                "top_k": [{"name": n, "score": round(float(s), 4)} for n, s in self.top_k],
+                "first_frame": self.first_frame, "last_frame": self.last_frame, "frames": self.frames,
+                "best_quality": None if not np.isfinite(self.best_quality) else round(float(self.best_quality), 4),
+                "recognized": self.recognized, "merged_ids": self.merged_ids}
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0  # frames analysed
+    frames_read: int = 0
+    dropped_frames: int = 0
+    faces: int = 0  # crops (every one went through IQA)
+    recognized: int = 0  # crops the recognizer ran on
+    wall_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+
+    @property
+    def selection_saving(self) -> float:
+        """Share of crops the recognizer did not have to run on."""
+        return 1.0 - self.recognized / self.faces if self.faces else 0.0
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+    def to_dict(self) -> dict:
+        per_frame = {k: round(1000 * v / max(self.frames, 1), 3) for k, v in self.stage_seconds.items()}
+        return {"frames": self.frames, "frames_read": self.frames_read, "dropped_frames": self.dropped_frames,
+                "faces": self.faces, "recognized": self.recognized,
+                "selection_saving": round(self.selection_saving, 4), "wall_seconds": round(self.wall_seconds, 3),
+                "fps": round(self.fps, 2), "stage_ms_per_frame": per_frame}
+
+
+@dataclass
+class _Pending:
+    """A frame after analysis, waiting for the recognizer."""
+
+    frame: Frame
+    faces: list[FaceResult]
+    crops: np.ndarray | None  # float32 [k, 3, 112, 112] of the selected faces
+    selected: list[int]  # indices into `faces`
+    keep_image: bool
+
+
+class _BoundedQueue:
+    """A bounded FIFO with a drop policy for the producer, and stop-aware blocking."""
+
+    def __init__(self, maxsize: int, policy: str = "block") -> None:
+        self.maxsize = maxsize
+        self.policy = policy
+        self.items: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item: Any, stop: threading.Event, force: bool = False) -> bool:
+        with self.cond:
+            while len(self.items) >= self.maxsize and not force:
+                if self.policy == "drop-oldest":
+                    self.items.popleft()
+                    self.dropped += 1
+                    break
+                if self.policy == "drop-newest":
+                    self.dropped += 1
+                    return False
+                if stop.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.items.append(item)
+            self.cond.notify_all()
+            return True
+
+    def get(self, stop: threading.Event, block: bool = True) -> Any:
+        with self.cond:
+            while not self.items:
+                if not block or stop.is_set():
+                    return None
+                self.cond.wait(0.1)
+            item = self.items.popleft()
+            self.cond.notify_all()
+            return item
+
+    def peek_all(self) -> list:
+        with self.cond:
+            return list(self.items)
+
+
+_END = object()
+
+
+class _Detector:
+    """Full-frame YuNet passes every `detect_every` frames; in between, re-detection around live tracks."""
+
+    def __init__(self, config: PipelineConfig, detector_model: str | Path | None = None) -> None:
+        self.config = config
+        self.full = FaceDetector(detector_model, config.detector_score, config.nms_threshold, scale=config.scale())
+        self.roi = FaceDetector(detector_model, max(0.5, config.detector_score - 0.1), config.nms_threshold, scale=1.0)
+        self.count = 0
+
+    def __call__(self, image: np.ndarray, predicted: dict[int, np.ndarray]) -> list[Detection]:
+        full_pass = self.count % self.config.detect_every == 0 or not predicted
+        self.count += 1
+        if full_pass:
+            found = self.full.detect(image)
+        else:
+            found = []
+            for box in predicted.values():
+                found += self._around(image, box)
+            found = _nms(found, self.config.nms_threshold)
+        min_w = 0.5 * self.config.min_face
+        return [d for d in found if d.box[2] >= min_w]
+
+    def _around(self, image: np.ndarray, box: np.ndarray) -> list[Detection]:
+        size = max(box[2], box[3], 8.0)
+        side = ROI_FACTOR * size
+        x0 = box[0] + box[2] / 2 - side / 2
+        y0 = box[1] + box[3] / 2 - side / 2
+        k = ROI_SIZE / side
+        matrix = np.array([[k, 0, -k * x0], [0, k, -k * y0]], np.float64)
+        interp = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
+        patch = cv2.warpAffine(image, matrix, (ROI_SIZE, ROI_SIZE), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+        out = []
+        height, width = image.shape[:2]
+        for d in self.roi.detect(patch):
+            b = d.box / k + np.array([x0, y0, 0, 0])
+            cx, cy = b[0] + b[2] / 2, b[1] + b[3] / 2
+            if 0 <= cx < width and 0 <= cy < height:
+                out.append(Detection(b, d.landmarks / k + np.array([x0, y0]), d.score))
+        return out
+
+
+def _nms(detections: list[Detection], threshold: float) -> list[Detection]:
+    from .tracking import iou
+
+    kept: list[Detection] = []
+    for d in sorted(detections, key=lambda d: -d.score):
+        if all(iou(d.box, k.box) <= threshold for k in kept):
+            kept.append(d)
+    return kept
+
+
+class Pipeline:
+    def __init__(self, models: Models, gallery: Gallery | None = None, config: PipelineConfig | None = None,
+                 detector_model: str | Path | None = None) -> None:
+        self.models = models
+        self.config = config or PipelineConfig()
+        if gallery is not None:
+            gallery.check(models.fingerprint)
+        self.gallery = gallery
+        self.selection = Selection(self.config.selection, self.config.per_track, self.config.selection_margin,
+                                   self.config.selection_interval)
+        self._detector_model = detector_model
+        self.reset()
+
+    @classmethod
+    def from_dir(cls, models: str | Path, gallery: str | Path | Gallery | None = None, backend: str = "auto",
+                 config: PipelineConfig | None = None, threads: int | None = None, **kwargs) -> "Pipeline":
+        loaded = Models.from_dir(models, backend=backend, threads=threads,
+                                 max_batch=(config or PipelineConfig()).batch_size)
+        try:
+            if gallery is not None and not isinstance(gallery, Gallery):
+                gallery = Gallery.load(gallery, loaded.fingerprint)
+            return cls(loaded, gallery, config, **kwargs)
+        except BaseException:
+            loaded.close()
+            raise
+
+    def reset(self) -> None:
+        """Forget all tracks and counters (a new video)."""
+        c = self.config
+        self.tracker = Tracker(c.iou_threshold, max_missed=c.max_missed, keep=c.template_size,
+                               reid_threshold=c.reid_threshold)
+        self.detector = _Detector(c, self._detector_model)
+        self.stats = PipelineStats()
+        self._frame_counter = 0
+
+    def close(self) -> None:
+        self.models.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the two halves of a frame
+    def _analyze(self, frame: Frame, keep_image: bool = False) -> _Pending:
+        stats = self.stats
+        t0 = time.perf_counter()
+        predicted = self.tracker.predicted_boxes(frame.index)
+        detections = self.detector(frame.image, predicted)
+        t1 = time.perf_counter()
+        crops = [align_face(frame.image, d.landmarks) for d in detections]
+        batch = to_model_input(np.stack([c[..., ::-1] for c in crops])) if crops else None  # BGR -> RGB
+        t2 = time.perf_counter()
+        quality = self.models.quality(batch) if batch is not None else np.zeros(0, np.float32)
+        alpha = self.models.alpha(quality)
+        t3 = time.perf_counter()
+        ids = self.tracker.associate(frame.index, [d.box for d in detections])
+        faces, selected = [], []
+        with self.tracker.lock:
+            for i, (d, tid) in enumerate(zip(detections, ids)):
+                track = self.tracker.get(tid)
+                q = float(quality[i])
+                track.best_quality = max(track.best_quality, q)
+                wanted = self.selection.wants(track, q, frame.index)
+                if wanted:
+                    self.selection.record(track, q, frame.index)
+                    selected.append(i)
+                faces.append(FaceResult(frame.index, track.track_id, d.box, d.landmarks, d.score, q,
+                                        float(alpha[i]), wanted))
+        t4 = time.perf_counter()
+        stats.add("detect", t1 - t0)
+        stats.add("align", t2 - t1)
+        stats.add("iqa", t3 - t2)
+        stats.add("track", t4 - t3)
+        stats.frames += 1
+        stats.faces += len(faces)
+        stats.recognized += len(selected)
+        return _Pending(frame, faces, batch[selected] if selected else None, selected, keep_image)
+
+    def _recognize(self, pending: list[_Pending]) -> list[FrameResult]:
+        t0 = time.perf_counter()
+        crops = [p.crops for p in pending if p.crops is not None]
+        alphas = [np.array([p.faces[i].alpha for i in p.selected], np.float32) for p in pending if p.crops is not None]
+        embeddings = self.models.embed(np.concatenate(crops), np.concatenate(alphas)) if crops else None
+        t1 = time.perf_counter()
+        touched = set()
+        row = 0
+        for p in pending:
+            for i in p.selected:
+                face = p.faces[i]
+                track = self.tracker.add_embedding(face.track_id, embeddings[row], face.quality)
+                touched.add(track.track_id)
+                row += 1
+        for tid in touched:
+            self._identify(tid)
+        results = []
+        with self.tracker.lock:
+            for p in pending:
+                for face in p.faces:
+                    track = self.tracker.get(face.track_id)
+                    face.track_id = track.track_id
+                    face.identity, face.score, face.top_k = track.identity, track.score, list(track.top_k)
+                results.append(FrameResult(p.frame.index, p.frame.time, p.faces,
+                                           p.frame.image if p.keep_image else None))
+        t2 = time.perf_counter()
+        self.stats.add("recognize", t1 - t0)
+        self.stats.add("identify", t2 - t1)
+        return results
+
+    def _identify(self, track_id: int) -> None:
+        with self.tracker.lock:
+            track = self.tracker.get(track_id)
+            if track.template is None or self.gallery is None or len(self.gallery) == 0:
+                return
+            match = self.gallery.identify(track.template, self.config.open_set_threshold, self.config.top_k)
+            track.identity, track.score, track.top_k = match.identity, match.score, match.top_k
+
+    # --- public API
+    def process(self, image: np.ndarray, index: int | None = None, time_s: float | None = None) -> list[FaceResult]:
+        """Analyse one BGR frame synchronously; frames of one stream must come in order."""
+        if image is None or image.ndim != 3 or image.shape[2] != 3:
+            raise PetalError(f"process() takes a BGR image [H, W, 3], got {None if image is None else image.shape}")
+        if index is None:
+            index = self._frame_counter
+        self._frame_counter = index + 1
+        start = time.perf_counter()
+        result = self._recognize([self._analyze(Frame(index, time_s, image))])[0]
+        self.stats.wall_seconds += time.perf_counter() - start
+        return result.faces
+
+    def run(self, source: Source | str | int | Path, keep_images: bool = False) -> Iterator[FrameResult]:
+        """Process a whole source in three threads; yields a FrameResult per analysed frame, in order.
+
+        Closing the iterator early (break, Ctrl-C) stops the threads; `self.stats` and
+        `self.tracks()` hold the results so far.
+        """
+        owned = not isinstance(source, Source)
+        src = open_source(source) if owned else source
+        policy = self.config.drop
+        if policy == "auto":
+            policy = "drop-oldest" if src.live else "block"
+        frames_q = _BoundedQueue(self.config.queue_size, policy)
+        pending_q = _BoundedQueue(self.config.queue_size)
+        results_q = _BoundedQueue(self.config.queue_size)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        start = time.perf_counter()
+
+        def guarded(body, out_q):
+            def target():
+                try:
+                    body()
+                except BaseException as exc:  # handed to the consumer, which re-raises it
+                    errors.append(exc)
+                    stop.set()
+                finally:
+                    out_q.put(_END, stop, force=True)
+            return target
+
+        def read():
+            try:
+                iterator = iter(src)
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        frame = next(iterator)
+                    except StopIteration:
+                        break
+                    self.stats.add("decode", time.perf_counter() - t0)
+                    self.stats.frames_read += 1
+                    frames_q.put(frame, stop)
+            finally:
+                self.stats.dropped_frames = frames_q.dropped
+                if owned:
+                    src.close()
+
+        def analyze():
+            while True:
+                frame = frames_q.get(stop)
+                if frame is _END or frame is None:
+                    break
+                pending_q.put(self._analyze(frame, keep_images), stop)
+
+        def recognize():
+            done = False
+            while not done:
+                first = pending_q.get(stop)
+                if first is _END or first is None:
+                    break
+                batch, crops = [first], len(first.selected)
+                while crops < self.config.batch_size:  # batch across frames already waiting
+                    nxt = pending_q.get(stop, block=False)
+                    if nxt is None:
+                        break
+                    if nxt is _END:
+                        done = True
+                        break
+                    batch.append(nxt)
+                    crops += len(nxt.selected)
+                for result in self._recognize(batch):
+                    results_q.put(result, stop)
+
+        threads = [threading.Thread(target=guarded(read, frames_q), name="petal-decode", daemon=True),
+                   threading.Thread(target=guarded(analyze, pending_q), name="petal-analyze", daemon=True),
+                   threading.Thread(target=guarded(recognize, results_q), name="petal-recognize", daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            while True:
+                item = results_q.get(stop)
+                if item is _END or item is None:
+                    break
+                yield item
+            if errors:
+                raise errors[0]
+        finally:
+            stop.set()
+            src.stop()
+            for t in threads:
+                t.join(timeout=5.0)
+            self.stats.dropped_frames = frames_q.dropped
+            self.stats.wall_seconds += time.perf_counter() - start
+
+    def tracks(self, min_frames: int = 1) -> list[TrackSummary]:
+        out = []
+        for t in self.tracker.all_tracks():
+            if t.frames < min_frames:
+                continue
+            out.append(TrackSummary(t.track_id, t.identity, t.score, list(t.top_k), t.first_frame, t.last_frame,
+                                    t.frames, t.best_quality, t.embeddings_seen, list(t.merged_ids)))
+        return out
+
+    def canonical(self, track_id: int) -> int:
+        return self.tracker.canonical(track_id)
