@@ -115,26 +115,6 @@ def exported_models() -> Path:
     return _atomic_dir(CACHE / f"models-{_key(MODEL_SOURCES, _torch_export.__code__.co_code.hex())}", _torch_export)
 
 
-@functools.lru_cache(maxsize=None)
-def lfw_clip(seconds: float = 3.0, width: int = 640, height: int = 360, count: int = 3, seed: int = 1,
-             face_px: tuple[int, int] = (28, 48)) -> "object":
-    """A clip of `count` LFW10 people (their first usable photo) and its ground truth."""
-    from petal_train.synth import SynthClip, SynthConfig, TrackTruth, make_clip, people_from_folder
-
-    key = _key(CLIP_SOURCES, f"lfw{seconds}{width}{height}{count}{seed}{face_px}")
-    path = CACHE / f"clip-{key}.mp4"
-    truth = path.with_suffix(".truth.json")
-    if path.is_file() and truth.is_file():
-        data = json.loads(truth.read_text())
-        data["path"] = Path(data["path"])
-        data["tracks"] = [TrackTruth(**{**t, "face_px": tuple(t["face_px"])}) for t in data["tracks"]]
-        return SynthClip(**data)
-    people = people_from_folder(SHARED_FACES / "lfw10", per_identity=1)
-    order = np.random.default_rng(seed).permutation(len(people))[:count]
-    config = SynthConfig(width=width, height=height, seconds=seconds, face_px=face_px, seed=seed)
-    return make_clip(path, [people[i] for i in order], config)
-
-
 def lfw_gallery_folder(skip_first: int = 1, per_identity: int = 4) -> Path:
     """LFW10 identity folders with each person's photos after the first (the clip uses the first)."""
     target = CACHE / f"lfw-gallery-{skip_first}-{per_identity}"
@@ -147,3 +127,72 @@ def lfw_gallery_folder(skip_first: int = 1, per_identity: int = 4) -> Path:
                 shutil.copy(f, out / person.name / f.name)
 
     return _atomic_dir(target, build)
+
+
+class Invoked:
+    def __init__(self, exit_code: int, output: str, exception: BaseException | None) -> None:
+        self.exit_code, self.output, self.exception = exit_code, output, exception
+
+
+def invoke(command, args) -> Invoked:
+    """Run a click command in-process the way its console script does: PetalError -> `error: ...`, 2."""
+    from click.testing import CliRunner
+
+    from petal_runtime.errors import PetalError
+
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    if isinstance(result.exception, PetalError):
+        return Invoked(result.exception.exit_code, result.output + f"error: {result.exception}\n", result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Invoked(result.exit_code, result.output, result.exception)
+
+
+@functools.lru_cache(maxsize=None)
+def lfw_gallery(models_dir: Path) -> Path:
+    """gallery.npy of the 10 LFW10 people from their photos 2-5, built with these models (cached)."""
+    from petal_runtime.gallery import build_gallery
+    from petal_runtime.models import Models
+
+    target = CACHE / f"gallery-{Path(models_dir).name}"
+
+    def build(out: Path) -> None:
+        with Models(models_dir) as models:
+            gallery, _ = build_gallery(models, lfw_gallery_folder(skip_first=1, per_identity=4))
+        gallery.meta["models_dir"] = str(models_dir)
+        gallery.save(out / "gallery.npy")
+
+    return _atomic_dir(target, build) / "gallery.npy"
+
+
+@functools.lru_cache(maxsize=None)
+def synth_clip(name: str, people_spec: str = "lfw10", count: int = 3, seed: int = 1, **config):
+    """A cached SynthClip: `count` LFW10 people (their first usable photo), or nobody ("none").
+
+    `config` holds SynthConfig fields (tuples as tuples); the clip and its truth JSON are cached.
+    """
+    from petal_train.synth import SynthConfig, make_clip, people_from_folder
+
+    key = _key(CLIP_SOURCES, name, people_spec, str(count), str(seed), repr(sorted(config.items())))
+    path = CACHE / f"{name}-{key}.mp4"
+    if path.is_file() and path.with_suffix(".truth.json").is_file():
+        return _reload_clip(path)
+    people = []
+    if people_spec == "lfw10":
+        everyone = people_from_folder(SHARED_FACES / "lfw10", per_identity=1)
+        people = [everyone[i] for i in np.random.default_rng(seed).permutation(len(everyone))[:count]]
+    return make_clip(path, people, SynthConfig(seed=seed, **config))
+
+
+def lfw_clip():
+    """Three LFW10 people walking through a 640x360 scene for 3 s at 28-48 px."""
+    return synth_clip("lfw", face_px=(28, 48), seconds=3.0)
+
+
+def _reload_clip(path: Path):
+    from petal_train.synth import SynthClip, TrackTruth
+
+    data = json.loads(path.with_suffix(".truth.json").read_text())
+    data["path"] = Path(data["path"])
+    data["tracks"] = [TrackTruth(**{**t, "face_px": tuple(t["face_px"])}) for t in data["tracks"]]
+    return SynthClip(**data)
