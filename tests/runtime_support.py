@@ -121,6 +121,56 @@ def exported_models() -> Path:
     return _atomic_dir(CACHE / f"models-{_key(MODEL_SOURCES, _torch_export.__code__.co_code.hex())}", _torch_export)
 
 
+def lfw_gallery_folder(skip_first: int = 1, per_identity: int = 4) -> Path:
+    """LFW10 identity folders with each person's photos after the first (the clip uses the first)."""
+    target = CACHE / f"lfw-gallery-{skip_first}-{per_identity}"
+
+    def build(out: Path) -> None:
+        for person in sorted((SHARED_FACES / "lfw10").iterdir()):
+            files = sorted(person.glob("*.jpg"))[skip_first:skip_first + per_identity]
+            (out / person.name).mkdir()
+            for f in files:
+                shutil.copy(f, out / person.name / f.name)
+
+    return _atomic_dir(target, build)
+
+
+class Invoked:
+    def __init__(self, exit_code: int, output: str, exception: BaseException | None) -> None:
+        self.exit_code, self.output, self.exception = exit_code, output, exception
+
+
+def invoke(command, args) -> Invoked:
+    """Run a click command in-process the way its console script does: PetalError -> `error: ...`, 2."""
+    from click.testing import CliRunner
+
+    from petal_runtime.errors import PetalError
+
+    result = CliRunner().invoke(command, [str(a) for a in args])
+    if isinstance(result.exception, PetalError):
+        return Invoked(result.exception.exit_code, result.output + f"error: {result.exception}\n", result.exception)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Invoked(result.exit_code, result.output, result.exception)
+
+
+@functools.lru_cache(maxsize=None)
+def lfw_gallery(models_dir: Path) -> Path:
+    """gallery.npy of the 10 LFW10 people from their photos 2-5, built with these models (cached)."""
+    from petal_runtime.gallery import build_gallery
+    from petal_runtime.models import Models
+
+    target = CACHE / f"gallery-{Path(models_dir).name}"
+
+    def build(out: Path) -> None:
+        with Models(models_dir) as models:
+            gallery, _ = build_gallery(models, lfw_gallery_folder(skip_first=1, per_identity=4))
+        gallery.meta["models_dir"] = str(models_dir)
+        gallery.save(out / "gallery.npy")
+
+    return _atomic_dir(target, build) / "gallery.npy"
+
+
 @functools.lru_cache(maxsize=None)
 def synth_clip(name: str, people_spec: str = "lfw10", count: int = 3, seed: int = 1, **config):
     """A cached SynthClip: `count` LFW10 people (their first usable photo), or nobody ("none").
