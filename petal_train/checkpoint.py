@@ -62,6 +62,15 @@ class AdapterCheckpoint:
             torch.save(self.to_dict(), tmp)
         return path
 
+    def for_release(self) -> "AdapterCheckpoint":
+        """A shippable copy: no head or optimizer state, adapters stored in FP16 (loading casts back)."""
+        from dataclasses import replace
+
+        return replace(self, adapters={k: v.half() for k, v in self.adapters.items()}, head={},
+                       backbone_state={k: v.half() if v.is_floating_point() else v
+                                       for k, v in self.backbone_state.items()},
+                       progress={k: v for k, v in self.progress.items() if k in ("epoch", "step", "status")})
+
     def apply_to(self, backbone: torch.nn.Module, expected_base_sha256: str) -> None:
         """Load the adapters (or the full state) into an injected backbone built on the same base."""
         if self.base_sha256 != expected_base_sha256:

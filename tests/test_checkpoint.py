@@ -83,3 +83,16 @@ def test_a_failed_save_leaves_no_file_behind(trained_like, tmp_path, monkeypatch
     with pytest.raises(OSError):
         _checkpoint(trained_like).save(tmp_path / "ckpt.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_release_copy_is_small_and_loads_to_nearly_the_same_recognizer(trained_like, tmp_path, aligned_batch):
+    full = _checkpoint(trained_like)
+    path = full.for_release().save(tmp_path / "release.pt")
+    assert path.stat().st_size < 5 * 1024 * 1024
+    fresh = build_recognizer("sface", mode="petal", rank=8)
+    load_checkpoint(path).apply_to(fresh.recognizer.backbone, base_weights_sha256())
+    image, alpha = torch.from_numpy(aligned_batch[:4]), torch.rand(4, 1)
+    with torch.no_grad():
+        got = fresh.recognizer.eval()(image, alpha)
+        want = trained_like.recognizer.eval()(image, alpha)
+    assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9999
