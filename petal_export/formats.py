@@ -1,0 +1,105 @@
+"""THE table of export formats: file suffix, whether a GPU is needed, which options each accepts.
+
+Every export writes the FP32 ONNX graphs (`onnx`); `--fp16` adds `onnx-fp16` and `trt-fp16`,
+`--int8` adds `onnx-int8` and `trt-int8`. A format-specific option that no selected format
+accepts is an error (`--calib` without `--int8`, `--batch` without an engine format), never
+silently ignored. File names are `<graph><suffix>`: recognizer.onnx, recognizer.fp16.onnx,
+recognizer.int8.engine, ... (engine names follow petal_runtime.backends.trt.loader, which finds
+them by these names).
+
+This module imports neither torch nor onnx.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from petal_runtime.backends.trt.loader import ENGINE_SUFFIX
+from petal_runtime.contract import IQA_FILE, RECOGNIZER_FILE
+from petal_runtime.errors import PetalError
+
+GRAPHS = ("recognizer", "iqa")
+
+# Format-specific options and the command-line flags that set them.
+OPTION_FLAGS = {"calib": "--calib", "batch": "--batch", "require_engine": "--require-engine"}
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    suffix: str  # appended to the graph name
+    precision: str  # what the manifest and the graph metadata call it
+    needs_gpu: bool
+    options: frozenset[str]  # format-specific options this format accepts
+    summary: str
+
+    @property
+    def is_engine(self) -> bool:
+        return self.suffix.endswith(ENGINE_SUFFIX)
+
+    def filename(self, graph: str) -> str:
+        if graph not in GRAPHS:
+            raise ValueError(f"unknown graph {graph!r}")
+        return f"{graph}{self.suffix}"
+
+
+_TABLE = (
+    ExportFormat("onnx", ".onnx", "fp32", False, frozenset(),
+                 "FP32 ONNX graphs, verified against PyTorch (always written)"),
+    ExportFormat("onnx-fp16", ".fp16.onnx", "fp16", False, frozenset(),
+                 "FP16 ONNX graphs; LayerNorm, softmax and the final normalisation stay FP32"),
+    ExportFormat("onnx-int8", ".int8.onnx", "int8", False, frozenset({"calib"}),
+                 "ONNX Runtime static INT8 (QDQ), calibrated on real aligned faces"),
+    ExportFormat("trt-fp16", ".fp16" + ENGINE_SUFFIX, "fp16", True, frozenset({"batch", "require_engine"}),
+                 "TensorRT 10 FP16 engines with a PETAL header (TensorRT version, GPU, compute capability)"),
+    ExportFormat("trt-int8", ".int8" + ENGINE_SUFFIX, "int8", True, frozenset({"batch", "calib", "require_engine"}),
+                 "TensorRT 10 INT8 engines, entropy-calibrated on real aligned faces"),
+)
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in _TABLE}
+
+assert FORMATS["onnx"].filename("recognizer") == RECOGNIZER_FILE and FORMATS["onnx"].filename("iqa") == IQA_FILE
+
+
+def selected_formats(fp16: bool = False, int8: bool = False) -> list[ExportFormat]:
+    """The formats an export with these precision flags writes, in the order they are built."""
+    names = ["onnx"]
+    if fp16:
+        names.append("onnx-fp16")
+    if int8:
+        names.append("onnx-int8")
+    if fp16:
+        names.append("trt-fp16")
+    if int8:
+        names.append("trt-int8")
+    return [FORMATS[n] for n in names]
+
+
+def validate_options(formats: Iterable[ExportFormat], given: Iterable[str]) -> None:
+    """Raise a one-line PetalError for an option that none of `formats` accepts.
+
+    `given`: names of the format-specific options the user set explicitly (keys of OPTION_FLAGS).
+    """
+    formats = list(formats)
+    for option in given:
+        if option not in OPTION_FLAGS:
+            raise ValueError(f"{option!r} is not a format-specific option")
+        if any(option in f.options for f in formats):
+            continue
+        takers = [f.name for f in _TABLE if option in f.options]
+        hint = " (add --int8)" if all(FORMATS[t].precision == "int8" for t in takers) else " (add --fp16 or --int8)"
+        raise PetalError(f"{OPTION_FLAGS[option]} is not accepted by the selected formats "
+                         f"({', '.join(f.name for f in formats)}); only {', '.join(takers)} take it{hint}")
+
+
+def format_table() -> str:
+    """The table as text, for `petal-export --list-formats` and the README."""
+    rows = [("format", "files", "GPU", "options", "")]
+    for f in _TABLE:
+        opts = ", ".join(OPTION_FLAGS[o] for o in sorted(f.options)) or "-"
+        rows.append((f.name, f"<graph>{f.suffix}", "yes" if f.needs_gpu else "no", opts, f.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows).rstrip()
+
+
+__all__ = ["ExportFormat", "FORMATS", "GRAPHS", "OPTION_FLAGS", "format_table", "selected_formats",
+           "validate_options"]
