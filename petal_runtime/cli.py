@@ -123,12 +123,16 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 @click.option("--min-track-frames", default=3, show_default=True, help="Shorter tracks are left out of the report.")
 @click.option("--drop", type=click.Choice(["auto", "block", "drop-oldest", "drop-newest"]), default="auto",
               show_default=True, help="When the pipeline falls behind: auto blocks on files, drops on live streams.")
-@click.option("--threads", type=int, default=None, help="Threads per ONNX Runtime session (default: its own).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Which exported variant to run (default: FP32 ONNX, or the best TensorRT engine).")
+@click.option("--threads", type=int, default=None,
+              help="Threads per ONNX Runtime session (default: 1 for IQA, all cores for the recognizer).")
 @click.option("--max-frames", type=int, default=None, help="Stop after this many frames (streams, cameras).")
 @click.option("--no-frames", is_flag=True, help="Leave the per-frame list out of the JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr (default: on a terminal).")
 def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, threshold, top_k, min_face,
-            detect_every, selection, per_track, min_track_frames, drop, threads, max_frames, no_frames, progress):
+            detect_every, selection, per_track, min_track_frames, drop, precision, threads, max_frames, no_frames,
+            progress):
     """Find who is in VIDEO: a video file, a folder of images, an rtsp://, http:// URL or camera:N."""
     from .pipeline import Pipeline, PipelineConfig
     from .sources import open_source
@@ -151,11 +155,12 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, th
                 raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
         config = PipelineConfig(min_face=min_face, detect_every=detect_every, open_set_threshold=threshold,
                                 top_k=top_k, selection=selection, per_track=per_track, drop=drop)
-        pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads)
+        pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads,
+                                     precision=precision)
         report["models"] = {"dir": str(models_dir), "backend": pipeline.models.backend.name,
                             "runs_on": pipeline.models.description(), **pipeline.models.fingerprint.to_dict(),
                             "iqa_threshold": pipeline.models.manifest.iqa_threshold,
-                            "precision": pipeline.models.manifest.precision,
+                            "precision": precision or pipeline.models.manifest.precision,
                             "contract_version": pipeline.models.manifest.contract_version}
         report["gallery"] = {"path": str(gallery_path), "identities": len(pipeline.gallery)}
         source = open_source(video)
@@ -186,6 +191,10 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, th
         processed = pipeline.stats.frames if pipeline is not None else 0
         report["status"] = "partial" if processed else "error"
         exit_code = 1 if processed else exc.exit_code
+    except Exception as exc:  # a bug: the report is still written, then the traceback shows
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        report["status"] = "error"
+        raise
     finally:
         if bar is not None:
             bar.finish(len(pipeline.tracker.tracks) if pipeline is not None else 0)

@@ -75,7 +75,8 @@ def fingerprint(models_dir: str | Path, manifest: Manifest | None = None) -> Fin
 
 class Models:
     def __init__(self, models_dir: str | Path, backend: str = AUTO, threads: int | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, providers: list[str] | None = None) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, providers: list[str] | None = None,
+                 precision: str | None = None) -> None:
         self.dir = Path(models_dir)
         if not self.dir.is_dir():
             raise PetalError(f"models folder {self.dir} does not exist (petal-export writes one)")
@@ -87,7 +88,10 @@ class Models:
                 raise PetalError(f"{name} missing from {self.dir}: re-run petal-export")
         self.fingerprint = fingerprint(self.dir, self.manifest)
         self.backend, self.backend_notes = choose_backend(backend, self.dir)
-        options = {"threads": threads, "providers": providers}
+        if precision not in (None, "fp32", "fp16", "int8"):
+            raise PetalError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+        self.precision = precision
+        options = {"threads": threads, "providers": providers, "precision": precision}
         self.recognizer: Runner = self.backend.create(self.dir, "recognizer", **options)
         self.iqa: Runner = self.backend.create(self.dir, "iqa", **options)
         self.max_batch = max(1, int(max_batch))

@@ -7,13 +7,15 @@
     pipeline.tracks()                              # TrackSummary per person seen
 
 Per frame: YuNet detection (on a rescaled frame so faces down to `min_face` px are found; between
-full-frame passes, only around live tracks), five-point alignment to 112x112, IQA on every crop,
-alpha from the manifest's threshold, IoU/motion tracking, quality-aware selection of the crops the
-recognizer runs on (batched across faces and frames), quality-weighted track templates, and
-identification of each track against the gallery (top-k, "unknown" below the open-set threshold).
+full-frame passes, only around live tracks), five-point alignment to 112x112, IoU/motion tracking,
+IQA on every crop, alpha from the manifest's threshold, quality-aware selection of the crops the
+recognizer runs on, the recognizer (IQA and recognizer batched across faces and frames),
+quality-weighted track templates, and identification of each track against the gallery (top-k,
+"unknown" below the open-set threshold).
 
-`run` joins three stages with bounded queues: decoding, analysis (detect, align, IQA, track,
-select) and recognition (recognizer, templates, gallery). Memory stays flat on an endless stream;
+`run` joins three stages with bounded queues: decoding; analysis (detect, align, associate); and
+recognition (IQA, selection, recognizer, templates, gallery), which balances the work of a small
+CPU between two busy threads. Memory stays flat on an endless stream;
 when the consumer is slower than a live source, frames are dropped by policy (`drop`), never
 buffered without bound.
 """
@@ -39,7 +41,7 @@ from .sources import Frame, Source, open_source
 from .tracking import SELECTION_MODES, Selection, Tracker
 
 DROP_POLICIES = ("auto", "block", "drop-oldest", "drop-newest")
-STAGES = ("decode", "detect", "align", "iqa", "track", "recognize", "identify")
+STAGES = ("decode", "detect", "align", "track", "iqa", "select", "recognize", "identify")
 ROI_SIZE = 128  # side of the square a live track's neighbourhood is resampled to for re-detection
 ROI_FACTOR = 3.0  # that neighbourhood's side, in face sizes
 
@@ -168,13 +170,13 @@ class PipelineStats:
 
 @dataclass
 class _Pending:
-    """A frame after analysis, waiting for the recognizer."""
+    """A frame after detection, alignment and association, waiting for IQA and the recognizer."""
 
     frame: Frame
     faces: list[FaceResult]
-    crops: np.ndarray | None  # float32 [k, 3, 112, 112] of the selected faces
-    selected: list[int]  # indices into `faces`
+    crops: np.ndarray | None  # float32 [n, 3, 112, 112] RGB, one per face
     keep_image: bool
+    selected: list[int] = field(default_factory=list)  # faces the recognizer runs on
 
 
 class _BoundedQueue:
@@ -245,22 +247,25 @@ class _Detector:
         return [d for d in found if d.box[2] >= min_w]
 
     def _around(self, image: np.ndarray, box: np.ndarray) -> list[Detection]:
+        """Re-find one live track's face in its neighbourhood, resampled to ROI_SIZE (faces of any size
+        come out near 40 px there). Only the detection nearest the predicted box is kept: other faces
+        in the patch belong to other tracks (found through their own patch) or are new (found by the
+        next full pass)."""
         size = max(box[2], box[3], 8.0)
         side = ROI_FACTOR * size
-        x0 = box[0] + box[2] / 2 - side / 2
-        y0 = box[1] + box[3] / 2 - side / 2
+        cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2
+        x0, y0 = cx - side / 2, cy - side / 2
         k = ROI_SIZE / side
         matrix = np.array([[k, 0, -k * x0], [0, k, -k * y0]], np.float64)
         interp = cv2.INTER_AREA if k < 1 else cv2.INTER_LINEAR
         patch = cv2.warpAffine(image, matrix, (ROI_SIZE, ROI_SIZE), flags=interp, borderMode=cv2.BORDER_REPLICATE)
-        out = []
-        height, width = image.shape[:2]
+        best, best_distance = None, size  # the face must lie within one face size of the prediction
         for d in self.roi.detect(patch):
             b = d.box / k + np.array([x0, y0, 0, 0])
-            cx, cy = b[0] + b[2] / 2, b[1] + b[3] / 2
-            if 0 <= cx < width and 0 <= cy < height:
-                out.append(Detection(b, d.landmarks / k + np.array([x0, y0]), d.score))
-        return out
+            distance = float(np.hypot(b[0] + b[2] / 2 - cx, b[1] + b[3] / 2 - cy))
+            if distance < best_distance and 0.5 <= b[2] / max(box[2], 1e-6) <= 2.0:
+                best, best_distance = Detection(b, d.landmarks / k + np.array([x0, y0]), d.score), distance
+        return [best] if best is not None else []
 
 
 def _nms(detections: list[Detection], threshold: float) -> list[Detection]:
@@ -288,8 +293,9 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, models: str | Path, gallery: str | Path | Gallery | None = None, backend: str = "auto",
-                 config: PipelineConfig | None = None, threads: int | None = None, **kwargs) -> "Pipeline":
-        loaded = Models.from_dir(models, backend=backend, threads=threads,
+                 config: PipelineConfig | None = None, threads: int | None = None, precision: str | None = None,
+                 **kwargs) -> "Pipeline":
+        loaded = Models.from_dir(models, backend=backend, threads=threads, precision=precision,
                                  max_batch=(config or PipelineConfig()).batch_size)
         try:
             if gallery is not None and not isinstance(gallery, Gallery):
@@ -319,6 +325,7 @@ class Pipeline:
 
     # --- the two halves of a frame
     def _analyze(self, frame: Frame, keep_image: bool = False) -> _Pending:
+        """Stage 2: detection, alignment and association (the work that needs the full frame)."""
         stats = self.stats
         t0 = time.perf_counter()
         predicted = self.tracker.predicted_boxes(frame.index)
@@ -327,41 +334,44 @@ class Pipeline:
         crops = [align_face(frame.image, d.landmarks) for d in detections]
         batch = to_model_input(np.stack([c[..., ::-1] for c in crops])) if crops else None  # BGR -> RGB
         t2 = time.perf_counter()
-        quality = self.models.quality(batch) if batch is not None else np.zeros(0, np.float32)
-        alpha = self.models.alpha(quality)
-        t3 = time.perf_counter()
         ids = self.tracker.associate(frame.index, [d.box for d in detections])
-        faces, selected = [], []
-        with self.tracker.lock:
-            for i, (d, tid) in enumerate(zip(detections, ids)):
-                track = self.tracker.get(tid)
-                q = float(quality[i])
-                track.best_quality = max(track.best_quality, q)
-                wanted = self.selection.wants(track, q, frame.index)
-                if wanted:
-                    self.selection.record(track, q, frame.index)
-                    selected.append(i)
-                faces.append(FaceResult(frame.index, track.track_id, d.box, d.landmarks, d.score, q,
-                                        float(alpha[i]), wanted))
-        t4 = time.perf_counter()
+        faces = [FaceResult(frame.index, tid, d.box, d.landmarks, d.score, float("nan"), float("nan"), False)
+                 for d, tid in zip(detections, ids)]
+        t3 = time.perf_counter()
         stats.add("detect", t1 - t0)
         stats.add("align", t2 - t1)
-        stats.add("iqa", t3 - t2)
-        stats.add("track", t4 - t3)
+        stats.add("track", t3 - t2)
         stats.frames += 1
         stats.faces += len(faces)
-        stats.recognized += len(selected)
-        return _Pending(frame, faces, batch[selected] if selected else None, selected, keep_image)
+        return _Pending(frame, faces, batch, keep_image)
 
     def _recognize(self, pending: list[_Pending]) -> list[FrameResult]:
+        """Stage 3, on one or more frames in order: IQA on every crop (one batch), quality-aware
+        selection, the recognizer on the selected crops (one batch), templates and identities."""
         t0 = time.perf_counter()
-        crops = [p.crops for p in pending if p.crops is not None]
-        alphas = [np.array([p.faces[i].alpha for i in p.selected], np.float32) for p in pending if p.crops is not None]
-        embeddings = self.models.embed(np.concatenate(crops), np.concatenate(alphas)) if crops else None
+        with_faces = [p for p in pending if p.crops is not None]
+        quality = self.models.quality(np.concatenate([p.crops for p in with_faces])) if with_faces else None
+        alpha = self.models.alpha(quality) if quality is not None else None
         t1 = time.perf_counter()
-        touched = set()
-        row = 0
-        for p in pending:
+        picked, picked_alpha, row = [], [], 0
+        with self.tracker.lock:
+            for p in with_faces:
+                for i, face in enumerate(p.faces):
+                    face.quality, face.alpha = float(quality[row]), float(alpha[row])
+                    track = self.tracker.get(face.track_id)
+                    track.best_quality = max(track.best_quality, face.quality)
+                    if self.selection.wants(track, face.quality, p.frame.index):
+                        self.selection.record(track, face.quality, p.frame.index)
+                        face.recognized = True
+                        p.selected.append(i)
+                        picked.append(p.crops[i])
+                        picked_alpha.append(face.alpha)
+                    row += 1
+        t2 = time.perf_counter()
+        embeddings = self.models.embed(np.stack(picked), np.array(picked_alpha, np.float32)) if picked else None
+        t3 = time.perf_counter()
+        touched, row = set(), 0
+        for p in with_faces:
             for i in p.selected:
                 face = p.faces[i]
                 track = self.tracker.add_embedding(face.track_id, embeddings[row], face.quality)
@@ -378,9 +388,12 @@ class Pipeline:
                     face.identity, face.score, face.top_k = track.identity, track.score, list(track.top_k)
                 results.append(FrameResult(p.frame.index, p.frame.time, p.faces,
                                            p.frame.image if p.keep_image else None))
-        t2 = time.perf_counter()
-        self.stats.add("recognize", t1 - t0)
-        self.stats.add("identify", t2 - t1)
+        t4 = time.perf_counter()
+        self.stats.recognized += len(picked)
+        self.stats.add("iqa", t1 - t0)
+        self.stats.add("select", t2 - t1)
+        self.stats.add("recognize", t3 - t2)
+        self.stats.add("identify", t4 - t3)
         return results
 
     def _identify(self, track_id: int) -> None:
@@ -463,7 +476,7 @@ class Pipeline:
                 first = pending_q.get(stop)
                 if first is _END or first is None:
                     break
-                batch, crops = [first], len(first.selected)
+                batch, crops = [first], len(first.faces)
                 while crops < self.config.batch_size:  # batch across frames already waiting
                     nxt = pending_q.get(stop, block=False)
                     if nxt is None:
@@ -472,7 +485,7 @@ class Pipeline:
                         done = True
                         break
                     batch.append(nxt)
-                    crops += len(nxt.selected)
+                    crops += len(nxt.faces)
                 for result in self._recognize(batch):
                     results_q.put(result, stop)
 

@@ -111,14 +111,16 @@ class Selection:
 
 class Tracker:
     def __init__(self, iou_threshold: float = 0.2, distance: float = 1.0, max_missed: int = 12,
-                 keep: int = 6, reid_window: int = 75, reid_threshold: float = 0.6) -> None:
+                 keep: int = 6, reid_window: int = 75, reid_threshold: float = 0.6, max_tracks: int = 10_000) -> None:
         self.iou_threshold = iou_threshold
         self.distance = distance  # centre distance, in face widths, still accepted as the same face
         self.max_missed = max_missed
         self.keep = keep
         self.reid_window = reid_window
         self.reid_threshold = reid_threshold
-        self.tracks: dict[int, Track] = {}  # every track ever (merged ones removed)
+        self.max_tracks = max_tracks  # on an endless stream the oldest ended tracks are forgotten
+        self.forgotten = 0
+        self.tracks: dict[int, Track] = {}  # every track ever (merged ones removed), up to max_tracks
         self.aliases: dict[int, int] = {}  # merged id -> surviving id
         self._live: list[int] = []
         self._next = 1
@@ -164,7 +166,18 @@ class Tracker:
                     self.tracks[track.track_id] = track
                     self._live.append(track.track_id)
                     ids[di] = track.track_id
+            if len(self.tracks) > self.max_tracks:
+                self._forget(frame)
             return [int(i) for i in ids]  # type: ignore[arg-type]
+
+    def _forget(self, frame: int) -> None:
+        live = set(self._live)
+        ended = [t for t in self.tracks.values()
+                 if t.track_id not in live and frame - t.last_frame > self.reid_window]
+        for track in sorted(ended, key=lambda t: t.last_frame)[: len(self.tracks) - self.max_tracks]:
+            del self.tracks[track.track_id]
+            self.forgotten += 1
+        self.aliases = {k: v for k, v in self.aliases.items() if v in self.tracks}
 
     def predicted_boxes(self, frame: int) -> dict[int, np.ndarray]:
         with self.lock:

@@ -33,8 +33,12 @@ class SessionFromOnnx:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None,
-                 intra_op_threads: int | None = None, inter_op_threads: int | None = None) -> None:
+                 intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                 spinning: bool | None = None) -> None:
         self.path = Path(path)
+        # ONNX Runtime's worker threads spin while idle by default; beside other busy stages on a
+        # small CPU that burns the cores they need, so pipelines turn it off.
+        self.spinning = spinning
         self.providers = list(providers) if providers else None
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -51,6 +55,10 @@ class SessionFromOnnx:
             options.intra_op_num_threads = int(self.intra_op_threads)
         if self.inter_op_threads:
             options.inter_op_num_threads = int(self.inter_op_threads)
+        if self.spinning is not None:
+            flag = "1" if self.spinning else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+            options.add_session_config_entry("session.inter_op.allow_spinning", flag)
         requested = self.providers or default_providers()
         unknown = [p for p in requested if p not in available_providers()]
         if unknown:

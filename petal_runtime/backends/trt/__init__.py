@@ -38,8 +38,18 @@ def _unusable(models_dir: Path, graph: str) -> str | None:
     return None if device is not None else f"no usable GPU ({why})"
 
 
-def create(models_dir: Path, graph: str, memory=None, engine: str | Path | None = None, **_) -> TrtRunner:
-    path = Path(engine) if engine else find_engine(models_dir, graph)
+def create(models_dir: Path, graph: str, memory=None, engine: str | Path | None = None, precision: str | None = None,
+           **_) -> TrtRunner:
+    """The engine file given, else `<graph>.<precision>.engine`, else the preferred one found."""
+    path = Path(engine) if engine else None
+    if path is None and precision:
+        named = Path(models_dir) / f"{graph}.{precision}.engine"
+        path = named if named.is_file() else None
+        if path is None and graph == "recognizer":
+            from ...errors import PetalError
+
+            raise PetalError(f"no {named.name} in {models_dir}")
+    path = path or find_engine(models_dir, graph)
     if path is None:
         from ...errors import PetalError
 

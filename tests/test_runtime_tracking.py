@@ -1,0 +1,92 @@
+"""Tracker and quality-aware selection on synthetic boxes and embeddings (no models needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from petal_runtime.tracking import Selection, Track, Tracker, iou
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_iou():
+    assert iou(np.array([0, 0, 10, 10]), np.array([0, 0, 10, 10])) == 1.0
+    assert iou(np.array([0, 0, 10, 10]), np.array([5, 0, 10, 10])) == pytest.approx(50 / 150)
+    assert iou(np.array([0, 0, 10, 10]), np.array([20, 20, 5, 5])) == 0.0
+
+
+def test_two_walkers_crossing_keep_their_tracks():
+    tracker = Tracker()
+    ids_a, ids_b = [], []
+    for f in range(40):
+        a = np.array([10 + 6 * f, 100, 20, 26], float)  # left to right
+        b = np.array([250 - 6 * f, 104, 20, 26], float)  # right to left, crossing at f ~ 20
+        ia, ib = tracker.associate(f, [a, b])
+        ids_a.append(ia)
+        ids_b.append(ib)
+    assert len(set(ids_a[:15])) == 1 and len(set(ids_b[:15])) == 1 and ids_a[0] != ids_b[0]
+    assert len(tracker.tracks) <= 3  # at most one identity switch at the crossing itself
+
+
+def test_small_fast_face_follows_by_centre_distance():
+    """A 16 px face moving 12 px per frame overlaps its last box only a little: distance still links it."""
+    tracker = Tracker()
+    ids = [tracker.associate(f, [np.array([12.0 * f, 50, 16, 20])])[0] for f in range(20)]
+    assert len(set(ids)) == 1
+
+
+def test_missed_frames_end_a_track_and_reid_merges_it_back():
+    tracker = Tracker(max_missed=3, reid_threshold=0.6)
+    person = unit(np.r_[np.ones(4), np.zeros(124)])
+    first = tracker.associate(0, [np.array([10, 10, 20, 20.0])])[0]
+    tracker.add_embedding(first, person, 0.8)
+    for f in range(1, 5):
+        tracker.associate(f, [np.array([10 + f, 10, 20, 20.0])])
+    # Occluded for 10 frames, then seen again far away: a new track at first ...
+    second = tracker.associate(15, [np.array([200, 10, 20, 20.0])])[0]
+    assert second != first
+    # ... until its first embedding shows it is the same person: merged into the old track.
+    merged = tracker.add_embedding(second, unit(person + 0.1 * np.r_[np.zeros(4), np.ones(124)] / 11), 0.7)
+    assert merged.track_id == first and tracker.canonical(second) == first
+    assert merged.merged_ids == [second] and merged.last_frame == 15 and merged.embeddings_seen == 2
+    # Someone else does not merge.
+    third = tracker.associate(30, [np.array([400, 10, 20, 20.0])])[0]
+    other = tracker.add_embedding(third, unit(np.r_[np.zeros(4), np.ones(124)]), 0.9)
+    assert other.track_id == third
+
+
+def test_template_is_quality_weighted_mean_of_best_kept():
+    tracker = Tracker(keep=2)
+    tid = tracker.associate(0, [np.array([0, 0, 20, 20.0])])[0]
+    a, b, c = unit([1, 0, 0]), unit([0, 1, 0]), unit([0, 0, 1])
+    tracker.add_embedding(tid, a, 0.9)
+    tracker.add_embedding(tid, b, 0.3)
+    tracker.add_embedding(tid, c, 0.1)  # worst: not kept
+    track = tracker.get(tid)
+    assert [q for q, _ in track.kept] == [0.9, 0.3]
+    np.testing.assert_allclose(track.template, unit(0.9 * a + 0.3 * b), atol=1e-6)
+
+
+def test_selection_best_runs_recognizer_on_few_crops():
+    track = Track(1, np.zeros(4), 0, 0)
+    policy = Selection("best", per_track=3, margin=0.05, min_interval=2)
+    chosen = []
+    for f, q in enumerate([0.2, 0.25, 0.3, 0.3, 0.3, 0.31, 0.3, 0.6, 0.6, 0.61, 0.2, 0.9]):
+        if policy.wants(track, q, f):
+            policy.record(track, q, f)
+            chosen.append(f)
+    # first crop, then every 2nd frame until three are kept, then only clearly better ones
+    assert chosen == [0, 2, 4, 6, 8, 11]
+    assert sorted(track.selected) == [0.3, 0.6, 0.9]
+    everything = Selection("all")
+    assert all(everything.wants(track, 0.0, f) for f in range(5))
+
+
+def test_forgetting_bounds_memory():
+    tracker = Tracker(max_tracks=50, reid_window=5, max_missed=1)
+    for f in range(0, 400, 4):  # a new face every 4 frames, each seen once
+        tracker.associate(f, [np.array([f % 300, 0, 20, 20.0])])
+    assert len(tracker.tracks) <= 51 and tracker.forgotten >= 49
