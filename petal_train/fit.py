@@ -1,0 +1,667 @@
+"""`petal-train fit`: train quality-gated adapters (or a baseline) on a frozen face recognizer.
+
+The paper's recipe by default: AdamW (lr 5e-4, weight decay 0.1), linear warm-up then polynomial
+decay (power 2) stepped per iteration, batch 8 per process, an ArcFace or CosFace head (s = 64),
+gradients clipped to norm 5 (as arcface_torch does). Only the adapters and the head train; the
+frozen base's BatchNorm layers stay in eval mode so their running statistics never move (in `full`
+mode everything trains, BatchNorm included). Per sample, alpha = alpha_from_quality(IQA score of
+the degraded input, t); the IQA network is frozen and runs under no_grad. t comes from
+--calibration or is calibrated before the first epoch exactly as `petal-train calibrate` does it
+(mean + std of the IQA scores of a seeded sample of degraded training faces), and is stored in the
+checkpoint.
+
+A run folder holds:
+- ckpt.pt: an AdapterCheckpoint (adapters and head; `full` stores the backbone) whose `progress`
+  carries optimizer, scheduler, grad scaler, epoch, step and RNG state for --resume;
+- metrics.jsonl: one JSON object per logged step (`"kind": "step"`) and per epoch (`"epoch"`),
+  appended line by line (a line is written whole; --resume drops lines past the checkpoint);
+- config.json: the resolved configuration, identities held out, threshold, data summary.
+
+Reproducibility across process counts: the sample order is one seeded permutation per epoch,
+sharded by DistributedSampler, so global batch k holds the same samples for 1 or N processes;
+degradation is keyed by (seed, epoch, sample index); each rank reseeds torch's generator per step
+from (seed, step, rank), which makes a resumed run continue exactly as an uninterrupted one.
+Dropout masks still differ between a 1-process and an N-process run (a mask is drawn per local
+batch), so that comparison is made with `--dropout 0`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from petal_runtime.contract import alpha_from_quality
+from petal_runtime.errors import PetalError, exit_on_user_error
+from petal_runtime.files import atomic_path, atomic_write_text, sha256_file
+
+from . import distributed as D
+from .checkpoint import AdapterCheckpoint, load_checkpoint
+from .data import DegradedFaces, TrainingData, load_training_data
+from .heads import DEFAULT_SCALE, HEADS, build_head
+from .lora import MODES, adapter_state_dict
+from .model import BuiltRecognizer, build_recognizer
+from .registry import get_spec
+
+CHECKPOINT_FILE = "ckpt.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+HEAD_INITS = ("embeddings", "random")
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# What a resumed run must share with the run it continues.
+RESUME_KEYS = ("data", "backbone", "backbone_weights", "mode", "rank", "lora_scale", "head", "head_scale",
+               "margin", "holdout_fraction", "seed", "p_clean")
+
+
+@dataclass
+class FitConfig:
+    data: str
+    out: str
+    backbone: str = "sface"
+    backbone_weights: str | None = None
+    mode: str = "petal"
+    rank: int = 8
+    lora_scale: float = 1.0
+    dropout: float | None = None  # set every dropout (adapters and backbone); None keeps the defaults
+    epochs: int = 1
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    batch_size: int = 8  # per process
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    poly_power: float = 2.0
+    clip_grad: float = 5.0  # 0 disables
+    head: str = "arcface"
+    head_scale: float = DEFAULT_SCALE
+    margin: float | None = None  # None: the head's default (ArcFace 0.5, CosFace 0.4)
+    head_init: str = "embeddings"  # class centres start at each identity's clean embedding
+    p_clean: float = 0.3  # probability a training sample is left undegraded
+    holdout_fraction: float = 0.0
+    calibration: str | None = None
+    iqa: str | None = None
+    calibration_sample: int = 1000  # as `petal-train calibrate`
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None  # DataLoader workers; None: 0 on CPU, 4 on GPU
+    log_every: int = 10
+    save_every: int = 0  # also checkpoint every N steps (0: at epoch ends, stops and the finish only)
+    resume: bool = False
+    progress: bool = True
+    nproc: int = 1  # local processes to launch (torchrun sets WORLD_SIZE itself)
+    precision: str = "fp32"  # fp64: CPU-only numerical checks (e.g. multi-process against one process)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise PetalError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.head not in HEADS:
+            raise PetalError(f"unknown head {self.head!r}; choose one of: {', '.join(HEADS)}")
+        if self.head_init not in HEAD_INITS:
+            raise PetalError(f"unknown head init {self.head_init!r}; choose one of: {', '.join(HEAD_INITS)}")
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise PetalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PetalError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise PetalError("--lr must be positive, --weight-decay and --warmup-epochs non-negative")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise PetalError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in PRECISIONS:
+            raise PetalError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    status: str  # finished | max_steps | stopped
+    epoch: int
+    step: int
+    signal: int | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT_FILE
+
+
+def fit(config: FitConfig) -> FitResult:
+    """Train in this process, in `config.nproc` local processes, or as one rank under torchrun."""
+    config.validate()
+    D.resolve_device(config.device)  # a GPU option on a machine without one fails before any work
+    if config.nproc > 1:
+        D.launch(_fit_worker, (asdict(config),), config.nproc)
+        return _result_from_checkpoint(Path(config.out))
+    ctx = D.setup(config.device)
+    try:
+        return Trainer(config, ctx).run()
+    finally:
+        D.teardown(ctx)
+
+
+def _fit_worker(config: dict) -> None:
+    result = fit(FitConfig.from_dict({**config, "nproc": 1}))
+    if result.status == "stopped":
+        sys.exit(SIGNAL_EXIT.get(result.signal, 143))
+
+
+def _result_from_checkpoint(run_dir: Path) -> FitResult:
+    progress = load_checkpoint(run_dir / CHECKPOINT_FILE).progress
+    return FitResult(run_dir, progress.get("status", "finished"), int(progress.get("epoch", 0)),
+                     int(progress.get("global_step", 0)))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _TrainModule(nn.Module):
+    """Recognizer + margin head as one module, so DDP synchronises both."""
+
+    def __init__(self, built: BuiltRecognizer, head: nn.Module) -> None:
+        super().__init__()
+        self.recognizer, self.head = built.recognizer, head
+
+    def forward(self, images: torch.Tensor, alpha: torch.Tensor, labels: torch.Tensor):
+        embedding = self.recognizer.embed(images, alpha)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.head.loss(embedding.to(self.head.weight.dtype), labels)
+
+
+class _Batches(Sampler):
+    """Batches of a DistributedSampler's shard; can start part-way into an epoch (resume)."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int) -> None:
+        self.sampler, self.batch_size, self.skip = sampler, batch_size, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for k in range(self.skip, len(indices) // self.batch_size):
+            yield indices[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size - self.skip
+
+
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: running statistics stay the pretrained ones."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def poly_warmup(warmup_steps: int, total_steps: int, power: float):
+    """LR factor per step: linear warm-up to 1, then (1 - progress) ** power down to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return max(0.0, 1.0 - (step - warmup_steps) / span) ** power
+
+    return factor
+
+
+def base_weights_sha256(backbone: str, weights: str | None) -> str:
+    """The sha256 a checkpoint pins its base to: the weight file given, or the backbone's pinned one."""
+    if weights:
+        return sha256_file(weights)
+    import importlib
+
+    module = importlib.import_module(get_spec(backbone).builder.__module__)
+    pinned = getattr(module, "base_weights_sha256", None)
+    if pinned is None:
+        raise PetalError(f"backbone {backbone} has no pinned weights: pass --backbone-weights")
+    return pinned()
+
+
+def read_calibration(path: str | Path) -> dict:
+    """A calibration file's threshold, as `petal-train calibrate` writes it (or any JSON with `t`)."""
+    try:
+        from .calibrate import Calibration
+    except ImportError:  # pragma: no cover - calibrate.py ships with the package
+        Calibration = None
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PetalError(f"calibration file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PetalError(f"{path} is not a JSON calibration file") from None
+    if Calibration is not None and isinstance(data, dict) and "threshold" in data:
+        return {**asdict(Calibration.load(path)), "t": float(data["threshold"]), "file": str(path)}
+    if isinstance(data, dict) and isinstance(data.get("t"), (int, float)):
+        return {**data, "t": float(data["t"]), "file": str(path)}
+    raise PetalError(f"{path} has no threshold (`threshold` or `t`)")
+
+
+def calibrate_on_training_data(data: TrainingData, iqa_net: nn.Module, sample: int, seed: int) -> dict:
+    """t as `petal-train calibrate --data ... --sample N --seed S` computes it (CPU, seeded).
+
+    Lazily decoded sets (RecordIO) are first narrowed to a seeded sample of at most `sample` faces.
+    """
+    images = data.images
+    if not isinstance(images, np.ndarray):
+        picks = np.sort(np.random.default_rng([seed, 0xCA11B]).choice(len(images), min(sample, len(images)),
+                                                                        replace=False))
+        images = np.stack([np.asarray(images[int(i)]) for i in picks])
+    try:
+        from .calibrate import calibrate_threshold
+    except ImportError:  # pragma: no cover - calibrate.py ships with the package
+        return _mean_plus_std(images, iqa_net, sample, seed)
+    result = calibrate_threshold(images, iqa_net, sample=sample, seed=seed, degrade=True)
+    return {**asdict(result), "t": float(result.threshold), "method": "petal_train.calibrate"}
+
+
+def _mean_plus_std(images: np.ndarray, iqa_net: nn.Module, sample: int, seed: int) -> dict:
+    from .degrade import degrade
+    from .iqa import QualityScorer
+
+    rng = np.random.default_rng(seed)
+    faces = np.stack([degrade(images[i], rng)[0] for i in rng.choice(len(images), sample, len(images) < sample)])
+    scorer = QualityScorer(iqa_net).eval()
+    with torch.no_grad():
+        scores = scorer(torch.from_numpy(faces.transpose(0, 3, 1, 2).astype(np.float32))).double().numpy()
+    return {"t": float(scores.mean() + scores.std()), "mean": float(scores.mean()), "std": float(scores.std()),
+            "sample": sample, "seed": seed, "method": "mean+std of IQA scores of degraded training faces"}
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0: whole lines appended; on resume, lines past the checkpoint dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if record.get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, config: FitConfig, ctx: D.DistContext) -> None:
+        self.cfg, self.ctx = config, ctx
+        self.out = Path(config.out)
+        self.ckpt_path = self.out / CHECKPOINT_FILE
+        self.stop_signal: int | None = None
+        resume = self._resume_state()
+
+        self.data: TrainingData = load_training_data(config.data, config.holdout_fraction, config.seed,
+                                                     progress=config.progress and ctx.is_main)
+        self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean)
+        self.global_batch = config.batch_size * ctx.world_size
+        self.steps_per_epoch = (len(self.dataset) // ctx.world_size) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise PetalError(f"{len(self.dataset)} training images do not fill one batch of "
+                             f"{config.batch_size} x {ctx.world_size} processes; lower --batch-size")
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+        torch.manual_seed(config.seed)  # identical adapter and head initialisation on every rank
+        backbone_kwargs = {"weights": config.backbone_weights} if config.backbone_weights else {}
+        self.built = build_recognizer(config.backbone, mode=config.mode, rank=config.rank, scale=config.lora_scale,
+                                      dropout=config.dropout if config.dropout is not None else 0.1,
+                                      **backbone_kwargs)
+        if config.dropout is not None:
+            for m in self.built.recognizer.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = config.dropout
+        self.base_sha256 = base_weights_sha256(config.backbone, config.backbone_weights)
+        self.head = build_head(config.head, self.built.spec.embedding_size, self.data.num_classes,
+                               config.head_scale, config.margin)
+        self.device, self.dtype = ctx.device, PRECISIONS[config.precision]
+        if self.dtype != torch.float32 and self.device.type != "cpu":
+            raise PetalError(f"--precision {config.precision} is for CPU numerical checks; use fp32 (AMP) on GPU")
+        self.built.recognizer.to(self.device, self.dtype)
+        self.head.to(self.device, self.dtype)
+
+        self.iqa, self.iqa_sha256, self.calibration = None, "", {}
+        if config.mode == "petal":
+            from .iqa import QualityScorer, load_iqa
+
+            net, self.iqa_sha256 = load_iqa(config.iqa)
+            if resume is not None:
+                self.calibration = resume.training.get("calibration", {"t": resume.iqa_threshold})
+            elif config.calibration:
+                self.calibration = read_calibration(config.calibration)
+            else:  # on rank 0, on the CPU, before the net moves to the device
+                self.calibration = D.broadcast_object(calibrate_on_training_data(
+                    self.data, net, config.calibration_sample, config.seed) if ctx.is_main else None, ctx)
+            self.iqa = QualityScorer(net).to(self.device, self.dtype).eval().requires_grad_(False)
+        self.threshold = float(self.calibration.get("t", 0.5))
+
+        if resume is not None:
+            resume.apply_to(self.built.recognizer.backbone, self.base_sha256)
+            self.head.load_state_dict({k: v.to(self.device) for k, v in resume.head.items()})
+        elif config.head_init == "embeddings":
+            self.head.init_from_embeddings(self._class_centres())
+
+        self.module = _TrainModule(self.built, self.head)
+        self.model = D.wrap(self.module, ctx)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_warmup(warmup, self.total_steps, config.poly_power))
+        self.scaler = D.grad_scaler(ctx)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.elapsed, self.last_lr = 0.0, config.lr
+        if resume is not None:
+            self._load_progress(resume.progress)
+
+        sampler = DistributedSampler(self.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=config.seed, drop_last=True)
+        self.batches = _Batches(sampler, config.batch_size)
+        self.metrics = MetricsLog(self.out / METRICS_FILE, self.global_step if resume else None, ctx.is_main)
+        if ctx.is_main:
+            atomic_write_text(self.out / CONFIG_FILE, json.dumps(self._config_record(), indent=2))
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def _resume_state(self) -> AdapterCheckpoint | None:
+        exists = self.ckpt_path.is_file()
+        if exists and not self.cfg.resume:
+            raise PetalError(f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+        if not (exists and self.cfg.resume):
+            if self.cfg.resume and self.ctx.is_main:
+                print(f"no checkpoint in {self.out} yet: starting a new run", file=sys.stderr)
+            return None
+        checkpoint = load_checkpoint(self.ckpt_path)
+        before = checkpoint.training.get("config", {})
+        changed = [k for k in RESUME_KEYS if k in before and before[k] != getattr(self.cfg, k)]
+        if changed:
+            raise PetalError(f"--resume with a different {', '.join(changed)} than the run in {self.out} "
+                             f"(was {', '.join(f'{k}={before[k]!r}' for k in changed)})")
+        batch = checkpoint.progress.get("global_batch")
+        if batch is not None and batch != self.cfg.batch_size * self.ctx.world_size:
+            raise PetalError(f"the run in {self.out} used a global batch of {batch}; resume it with "
+                             f"--batch-size x processes = {batch}")
+        return checkpoint
+
+    def _load_progress(self, progress: dict) -> None:
+        self.optimizer.load_state_dict(progress["optimizer"])
+        self.scheduler.load_state_dict(progress["scheduler"])
+        if progress.get("scaler"):
+            self.scaler.load_state_dict(progress["scaler"])
+        self.epoch, self.step_in_epoch = int(progress["epoch"]), int(progress["step_in_epoch"])
+        self.global_step, self.elapsed = int(progress["global_step"]), float(progress.get("elapsed_s", 0.0))
+        if "torch_rng" in progress:
+            torch.set_rng_state(progress["torch_rng"])
+
+    def _class_centres(self) -> torch.Tensor:
+        """Each identity's mean clean embedding (up to 4 images), split over the ranks."""
+        labels = self.data.labels
+        picks = np.concatenate([np.flatnonzero(labels == c)[:4] for c in range(self.data.num_classes)])
+        mine = picks[self.ctx.rank::self.ctx.world_size]
+        sums = torch.zeros(self.data.num_classes, self.built.spec.embedding_size, device=self.device,
+                           dtype=self.dtype)
+        recognizer = self.built.recognizer.eval()
+        with torch.no_grad():
+            for start in range(0, len(mine), 32):
+                chunk = mine[start:start + 32]
+                images = torch.from_numpy(np.stack([np.asarray(self.data.images[int(i)]) for i in chunk])
+                                          .transpose(0, 3, 1, 2)).to(self.device, self.dtype)
+                embedding = recognizer(images, torch.ones(len(chunk), 1, device=self.device)).to(self.dtype)
+                sums.index_add_(0, torch.from_numpy(labels[chunk]).to(self.device), embedding)
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(sums)
+        return sums
+
+    def _config_record(self) -> dict:
+        return {"config": asdict(self.cfg), "world_size": self.ctx.world_size, "global_batch": self.global_batch,
+                "device": str(self.device), "backend": self.ctx.backend or "single-process",
+                "layout": self.data.layout, "train_images": len(self.data), "train_identities": self.data.num_classes,
+                "holdout_identities": self.data.holdout, "skipped": dict(self.data.skipped.reasons),
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "calibration": self.calibration, "iqa_sha256": self.iqa_sha256, "base_sha256": self.base_sha256,
+                "adapters": str(self.built.report), "torch": torch.__version__}
+
+    # ---------------------------------------------------------------- training
+
+    def _train_mode(self) -> None:
+        self.module.train()
+        if self.cfg.mode != "full":
+            freeze_batchnorm(self.module)
+
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor):
+        """Alpha from the frozen IQA, forward, backward; returns (loss, accuracy, alpha)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            images = images.to(self.dtype)
+            if self.iqa is not None:
+                alpha = alpha_from_quality(self.iqa(images), self.threshold)
+            else:
+                alpha = torch.ones(len(images), 1, device=self.device, dtype=self.dtype)
+        torch.manual_seed(self.cfg.seed + 1_000_003 * (self.global_step + 1) + 7919 * self.ctx.rank)
+        with D.autocast(self.ctx):
+            loss, accuracy = self.model(images, alpha, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        return loss, accuracy, alpha
+
+    def gradients(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradients of one training step on this batch, per trainable parameter; nothing moves."""
+        self._train_mode()
+        self._backward(images, labels)
+        return {name: p.grad.detach().float().cpu() / self.scaler.get_scale() if self.scaler.is_enabled()
+                else p.grad.detach().float().cpu()
+                for name, p in self.module.named_parameters() if p.requires_grad and p.grad is not None}
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.last_lr = self.scheduler.get_last_lr()[0]
+        loss, accuracy, alpha = self._backward(images, labels)
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return torch.stack([loss.detach().float(), accuracy.float(), alpha.mean().float()])
+
+    def run(self) -> FitResult:
+        cfg, ctx = self.cfg, self.ctx
+        restore = self._install_signal_handlers()
+        workers = cfg.workers if cfg.workers is not None else (4 if self.device.type == "cuda" else 0)
+        try:
+            if self.epoch >= cfg.epochs:
+                return FitResult(self.out, "finished", self.epoch, self.global_step)
+            if self._max_steps_reached():
+                return FitResult(self.out, "max_steps", self.epoch, self.global_step)
+            while self.epoch < cfg.epochs:
+                self.dataset.set_epoch(self.epoch)
+                self.batches.set_epoch(self.epoch, skip=self.step_in_epoch)
+                loader = DataLoader(self.dataset, batch_sampler=self.batches, num_workers=workers,
+                                    pin_memory=self.device.type == "cuda")
+                bar = self._bar()
+                self._train_mode()
+                window, window_start, epoch_sum, epoch_n = [], time.perf_counter(), 0.0, 0
+                for images, labels in loader:
+                    t0 = time.perf_counter()
+                    window.append(self._step(images, labels))
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    self.elapsed += time.perf_counter() - t0
+                    if bar is not None:
+                        bar.update(1)
+                    if self.global_step % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                        stats = D.all_reduce_mean(torch.stack(window).mean(0), ctx).tolist()
+                        now = time.perf_counter()
+                        self._log("step", stats, len(window) * self.global_batch / (now - window_start))
+                        epoch_sum, epoch_n = epoch_sum + stats[0] * len(window), epoch_n + len(window)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{stats[0]:.3f}", alpha=f"{stats[2]:.2f}")
+                        window, window_start = [], now
+                    if D.any_rank(self.stop_signal is not None, ctx):
+                        return self._stop("stopped", bar)
+                    if self._max_steps_reached() and self.step_in_epoch < self.steps_per_epoch:
+                        return self._stop("max_steps", bar)
+                    if cfg.save_every and self.global_step % cfg.save_every == 0:
+                        self.save("running")
+                if bar is not None:
+                    bar.close()
+                self.metrics.write({"kind": "epoch", "epoch": self.epoch, "step": self.global_step,
+                                    "loss": epoch_sum / max(epoch_n, 1), "lr": self.last_lr,
+                                    "elapsed_s": round(self.elapsed, 3)})
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                done = self.epoch == cfg.epochs
+                self.save("finished" if done else "max_steps" if self._max_steps_reached() else "running")
+                if not done and self._max_steps_reached():
+                    D.barrier(ctx)
+                    return FitResult(self.out, "max_steps", self.epoch, self.global_step)
+            D.barrier(ctx)
+            return FitResult(self.out, "finished", self.epoch, self.global_step)
+        finally:
+            restore()
+
+    def _max_steps_reached(self) -> bool:
+        return bool(self.cfg.max_steps) and self.global_step >= self.cfg.max_steps
+
+    def _stop(self, status: str, bar) -> FitResult:
+        if bar is not None:
+            bar.close()
+        self.save(status)
+        D.barrier(self.ctx)  # nobody exits before rank 0 has written the checkpoint
+        if status == "stopped" and self.ctx.is_main:
+            print(f"stopped at epoch {self.epoch} step {self.global_step}: checkpoint saved to {self.ckpt_path}; "
+                  "continue with --resume", file=sys.stderr)
+        return FitResult(self.out, status, self.epoch, self.global_step, self.stop_signal)
+
+    def _bar(self):
+        if not (self.ctx.is_main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, unit="step",
+                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True)
+
+    def _log(self, kind: str, stats: list[float], samples_per_s: float) -> None:
+        self.metrics.write({"kind": kind, "epoch": self.epoch, "step": self.global_step, "loss": stats[0],
+                            "accuracy": stats[1], "alpha": stats[2], "lr": self.last_lr,
+                            "samples_per_s": round(samples_per_s, 3), "elapsed_s": round(self.elapsed, 3)})
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def request_stop(signum, _frame):
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting for the save
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def restore() -> None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+        return restore
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def save(self, status: str) -> None:
+        if not self.ctx.is_main:
+            return
+        backbone = self.built.recognizer.backbone
+        checkpoint = AdapterCheckpoint(
+            backbone=self.cfg.backbone, base_sha256=self.base_sha256, lora=self.built.lora,
+            adapters=_to_cpu(adapter_state_dict(backbone)), iqa_sha256=self.iqa_sha256,
+            iqa_threshold=self.threshold, head=_to_cpu(dict(self.head.state_dict())),
+            backbone_state=_to_cpu(dict(backbone.state_dict())) if self.cfg.mode == "full" else {},
+            training={"config": asdict(self.cfg), "calibration": self.calibration,
+                      "head": {"kind": self.cfg.head, "scale": self.head.scale, "margin": self.head.margin,
+                               "num_classes": self.data.num_classes, "init": self.cfg.head_init},
+                      "identities": list(self.data.names), "holdout_identities": list(self.data.holdout),
+                      "layout": self.data.layout, "train_images": len(self.data)},
+            progress={"status": status, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                      "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                      "global_batch": self.global_batch, "world_size": self.ctx.world_size,
+                      "elapsed_s": self.elapsed, "optimizer": _to_cpu(self.optimizer.state_dict()),
+                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                      "torch_rng": torch.get_rng_state()})
+        checkpoint.save(self.ckpt_path)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+@click.command("fit")
+@click.option("--data", required=True, help="Dataset folder (identity folders, TinyFace or RecordIO) or `portraits`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (ckpt.pt, metrics.jsonl).")
+@click.option("--backbone", default="sface", show_default=True)
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), help="Base weights for backbones PETAL cannot fetch.")
+@click.option("--mode", type=click.Choice(MODES), default="petal", show_default=True)
+@click.option("--rank", default=8, show_default=True, help="Adapter rank.")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--max-steps", type=int, help="Stop after this many steps in total (with a checkpoint).")
+@click.option("--batch-size", default=8, show_default=True, help="Per process.")
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--weight-decay", default=0.1, show_default=True)
+@click.option("--warmup-epochs", default=1.0, show_default=True)
+@click.option("--head", type=click.Choice(tuple(HEADS)), default="arcface", show_default=True)
+@click.option("--margin", type=float, help="Margin of the head (ArcFace 0.5, CosFace 0.4 by default).")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default="embeddings", show_default=True,
+              help="Class centres start at each identity's clean embedding, or random.")
+@click.option("--dropout", type=float, help="Set every dropout probability (adapters and backbone).")
+@click.option("--p-clean", default=0.3, show_default=True, help="Probability a sample is left undegraded.")
+@click.option("--holdout-fraction", default=0.0, show_default=True, help="Identities kept out of training (seeded).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Calibration JSON with the threshold t.")
+@click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", type=click.Choice(D.DEVICES), default="auto", show_default=True)
+@click.option("--nproc", default=1, show_default=True, help="Local processes (DDP); or launch with torchrun.")
+@click.option("--workers", type=int, help="DataLoader workers per process (default 0 on CPU, 4 on GPU).")
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--save-every", default=0, show_default=True, help="Also checkpoint every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def fit_command(no_progress: bool, **options) -> None:
+    """Train adapters (petal, lora), the whole backbone (full) or only the head (frozen)."""
+    result = fit(FitConfig(progress=not no_progress, **options))
+    if result.status == "stopped":
+        sys.exit(SIGNAL_EXIT.get(result.signal, 143))
+    click.echo(f"{result.status}: epoch {result.epoch}, step {result.step}; checkpoint {result.checkpoint}")
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m petal_train.fit --data ... --out ...
+    exit_on_user_error(fit_command)()
