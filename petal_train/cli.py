@@ -5,6 +5,10 @@ import click
 
 from petal_runtime.errors import exit_on_user_error
 
+from .evaluate import eval_command
+from .fit import fit_command
+from .grad_report import grad_report_command
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
@@ -39,4 +43,7 @@ def models_list() -> None:
         click.echo(f"{name:12s} input {spec.input_size}  embedding {spec.embedding_size}  [{source}]")
 
 
+cli.add_command(fit_command)
+cli.add_command(eval_command)
+cli.add_command(grad_report_command)
 main = exit_on_user_error(cli)
