@@ -470,6 +470,7 @@ def test_trt_runner_profiles_shapes_addresses_and_chunks(fake_gpu, tmp_path, bat
 
 def test_trt_runner_pads_below_the_profile_minimum_and_rejects_outside_shapes(fake_gpu, tmp_path):
     spec = json.loads(json.dumps(RECOGNIZER_SPEC))
+    spec["profiles"] = 2  # with several profiles the runner selects profile 0 on its stream
     for name in ("image", "alpha"):
         spec["tensors"][name]["profile"][0][0] = 4  # minimum batch 4
     path = _engine(tmp_path, "recognizer.engine", spec)
@@ -483,6 +484,10 @@ def test_trt_runner_pads_below_the_profile_minimum_and_rejects_outside_shapes(fa
             runner.infer({"image": np.zeros((2, 3, 96, 96), np.float32), "alpha": alpha})
         empty = runner.infer({"image": image[:0], "alpha": alpha[:0]})
         assert empty["embedding"].shape == (0, 128)
+        context = fake_gpu.trt.contexts[-1]
+    assert context.log[0] == ("profile", 0, 7)  # 7: the fake cudart's stream handle
+    # Two real faces went in as a batch of four (the profile's minimum), padded with the last one.
+    assert ("shape", "image", (4, 3, 112, 112)) in context.log
 
 
 def test_trt_runner_with_pycuda_pushes_the_context(monkeypatch, tmp_path):
