@@ -81,10 +81,24 @@ def _track_table(tracks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _finite(value):
+    """NaN and infinities (a broken model's output) become null: the report must stay valid JSON."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, report: dict) -> None:
     from .files import atomic_write_text
 
-    atomic_write_text(path, json.dumps(report, indent=1, allow_nan=False))
+    try:
+        atomic_write_text(path, json.dumps(_finite(report), indent=1, allow_nan=False))
+    except OSError as exc:
+        raise PetalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _models_dir_from_gallery(gallery: Path) -> Path | None:
@@ -101,7 +115,7 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 # ----------------------------------------------------------------------------- petal-run
 
 
-@click.command(context_settings=CONTEXT)
+@click.command("petal-run", context_settings=CONTEXT)
 @click.argument("video")
 @click.option("--gallery", "gallery_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Gallery from petal-gallery build.")
@@ -255,7 +269,7 @@ run_main = exit_on_user_error(run_cli)
 # ----------------------------------------------------------------------------- petal-gallery
 
 
-@click.group(context_settings=CONTEXT)
+@click.group("petal-gallery", context_settings=CONTEXT)
 def gallery_cli() -> None:
     """The people petal-run can name: a structured .npy (no pickle) plus a .json naming its models."""
 

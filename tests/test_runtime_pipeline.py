@@ -261,3 +261,26 @@ def test_config_errors_are_user_errors():
         PipelineConfig(selection="some")
     with pytest.raises(PetalError, match="drop"):
         PipelineConfig(drop="sometimes")
+
+
+def test_console_entry_point_prints_one_line_and_writes_the_report(setup, tmp_path):
+    """The real entry point (as the petal-run script calls it): no traceback, exit 2, report written."""
+    import subprocess
+    import sys
+
+    models, gallery, _ = setup
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    code = "import sys; from petal_runtime.cli import run_main; sys.argv[0] = 'petal-run'; run_main()"
+    result = subprocess.run([sys.executable, "-c", code, str(text), "--gallery", str(gallery), "--models", str(models),
+                             "--json", str(tmp_path / "r.json")], cwd=rs.REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "error"
+
+
+def test_report_stays_valid_json_with_nan():
+    from petal_runtime.cli import _finite
+
+    assert _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
