@@ -1,0 +1,66 @@
+"""`petal-export`: a PETAL adapter checkpoint -> the runtime's models folder."""
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from petal_runtime.errors import PetalError, exit_on_user_error
+
+from .formats import OPTION_FLAGS, format_table, selected_formats, validate_options
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    parts = text.split(":")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise PetalError(f"--batch wants MIN:OPT:MAX (three integers, e.g. 1:8:32), got {text!r}")
+    lo, opt, hi = values
+    if not 1 <= lo <= opt <= hi:
+        raise PetalError(f"--batch {text}: need 1 <= MIN <= OPT <= MAX")
+    return lo, opt, hi
+
+
+def _list_formats(ctx: click.Context, _param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(format_table())
+        ctx.exit()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint")
+@click.option("--out", "-o", "out_dir", required=True, metavar="DIR", help="Output folder (created if needed).")
+@click.option("--fp16", is_flag=True, help="Also write FP16 graphs and, with TensorRT and a GPU, FP16 engines.")
+@click.option("--int8", is_flag=True, help="Also write INT8 graphs (ONNX Runtime QDQ) and, on a GPU, INT8 engines.")
+@click.option("--calib", metavar="DIR", help="Calibration face images for --int8 (default: calibration/).")
+@click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
+              help="TensorRT optimisation profile batch sizes (engine formats only).")
+@click.option("--iqa", metavar="PATH", help="CNNIQA weights (default: petal_train/weights/iqa_faces.pth).")
+@click.option("--faces", "face_dir", metavar="DIR",
+              help="Real face images to verify the export on (default: --calib, calibration/, ../shared lfw10).")
+@click.option("--base-weights", metavar="PATH",
+              help="Base model weights, for backbones without downloadable ones (iresnet, swin).")
+@click.option("--require-engine", is_flag=True, help="Fail (instead of a note) when engines cannot be built here.")
+@click.option("--list-formats", is_flag=True, is_eager=True, expose_value=False, callback=_list_formats,
+              help="Show the export formats and the options each accepts, then exit.")
+@click.pass_context
+def cli(ctx: click.Context, checkpoint: str, out_dir: str, fp16: bool, int8: bool, calib: str | None, batch: str,
+        iqa: str | None, face_dir: str | None, base_weights: str | None, require_engine: bool) -> None:
+    """Export CHECKPOINT (a path, or `default` for the shipped SFace checkpoint) for the runtime.
+
+    Writes recognizer.onnx (image [N,3,H,W] RGB 0..255 + alpha [N,1] -> embedding [N,D]), iqa.onnx
+    (image -> quality [N,1]) and manifest.json, each verified against PyTorch on real faces before it
+    is kept; --fp16 and --int8 add the variants in the format table (--list-formats).
+    """
+    given = [name for name in OPTION_FLAGS if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+    formats = selected_formats(fp16, int8)
+    validate_options(formats, given)
+    from .export import export_models
+
+    export_models(checkpoint, out_dir, fp16=fp16, int8=int8, calib=calib, batch=parse_batch(batch), iqa=iqa,
+                  require_engine=require_engine, face_dir=face_dir, base_weights=base_weights, log=click.echo)
+
+
+main = exit_on_user_error(cli)
