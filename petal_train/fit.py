@@ -27,7 +27,7 @@ batch), so that comparison is made with `--dropout 0`.
 from __future__ import annotations
 
 import json
-import math
+import os
 import signal
 import sys
 import threading
@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError, exit_on_user_error
-from petal_runtime.files import atomic_path, atomic_write_text, sha256_file
+from petal_runtime.files import atomic_write_text, sha256_file
 
 from . import distributed as D
 from .checkpoint import AdapterCheckpoint, load_checkpoint
@@ -234,22 +234,17 @@ def base_weights_sha256(backbone: str, weights: str | None) -> str:
 
 
 def read_calibration(path: str | Path) -> dict:
-    """A calibration file's threshold, as `petal-train calibrate` writes it (or any JSON with `t`)."""
-    try:
-        from .calibrate import Calibration
-    except ImportError:  # pragma: no cover - calibrate.py ships with the package
-        Calibration = None
+    """The threshold of a calibration file as `petal-train calibrate` writes it (`threshold`), or `t`."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise PetalError(f"calibration file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PetalError(f"{path} is not a JSON calibration file") from None
-    if Calibration is not None and isinstance(data, dict) and "threshold" in data:
-        return {**asdict(Calibration.load(path)), "t": float(data["threshold"]), "file": str(path)}
-    if isinstance(data, dict) and isinstance(data.get("t"), (int, float)):
-        return {**data, "t": float(data["t"]), "file": str(path)}
-    raise PetalError(f"{path} has no threshold (`threshold` or `t`)")
+    for key in ("threshold", "t"):
+        if isinstance(data, dict) and isinstance(data.get(key), (int, float)) and not isinstance(data[key], bool):
+            return {**data, "t": float(data[key]), "file": str(path)}
+    raise PetalError(f"{path} has no threshold (a `threshold` or `t` number)")
 
 
 def calibrate_on_training_data(data: TrainingData, iqa_net: nn.Module, sample: int, seed: int) -> dict:
@@ -660,7 +655,8 @@ def fit_command(no_progress: bool, **options) -> None:
     result = fit(FitConfig(progress=not no_progress, **options))
     if result.status == "stopped":
         sys.exit(SIGNAL_EXIT.get(result.signal, 143))
-    click.echo(f"{result.status}: epoch {result.epoch}, step {result.step}; checkpoint {result.checkpoint}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here
+        click.echo(f"{result.status}: epoch {result.epoch}, step {result.step}; checkpoint {result.checkpoint}")
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m petal_train.fit --data ... --out ...

@@ -51,7 +51,7 @@ def test_two_gloo_processes_train_the_same_adapters_as_one(four_faces, tmp_path)
 
     torch.manual_seed(0)
     save_iqa(CNNIQA(), tmp_path / "iqa.pth")
-    common = dict(data=str(four_faces), iqa=str(tmp_path / "iqa.pth"), mode="petal", max_steps=2, dropout=0.0,
+    common = dict(data=str(four_faces), iqa=str(tmp_path / "iqa.pth"), mode="petal", rank=2, max_steps=2, dropout=0.0,
                   precision="fp64", warmup_epochs=0.0, device="cpu", progress=False, log_every=1,
                   calibration_sample=8, head_init="embeddings")
     fit(FitConfig(out=str(tmp_path / "one"), batch_size=2, **common))

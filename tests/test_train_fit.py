@@ -173,3 +173,15 @@ def test_learning_rate_warms_up_linearly_then_decays_polynomially_to_zero():
     assert factor(4) == 1.0 and factor(9) == pytest.approx(0.25) and factor(14) == 0.0
     values = [factor(s) for s in range(4, 15)]
     assert all(b < a for a, b in zip(values, values[1:]))
+
+
+def test_a_calibration_file_from_petal_train_calibrate_gives_the_threshold(tmp_path):
+    from petal_train.calibrate import Calibration
+    from petal_train.fit import read_calibration
+
+    Calibration(threshold=0.42, mean=0.3, std=0.12, sample=100, distinct_faces=100, seed=0, degraded=True,
+                degradation="default").save(tmp_path / "cal.json")
+    assert read_calibration(tmp_path / "cal.json")["t"] == 0.42
+    (tmp_path / "bad.json").write_text('{"mean": 0.3}')
+    with pytest.raises(PetalError, match="no threshold"):
+        read_calibration(tmp_path / "bad.json")
