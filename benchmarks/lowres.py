@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from petal_runtime.files import atomic_write_text  # noqa: E402
+from petal_train.checkpoint import load_checkpoint  # noqa: E402
 from petal_train.data import holdout_identities  # noqa: E402
 from petal_train.evaluate import evaluate_folders, load_model, plot_cmc  # noqa: E402
 from petal_train.faces import FaceSet, load_identity_folders, load_portraits  # noqa: E402
@@ -55,13 +56,16 @@ def distractor_portraits(seed: int) -> np.ndarray:
 
 def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int, retrain: bool) -> Path:
     ckpt = run_dir / "ckpt.pt"
-    if ckpt.is_file() and not retrain:
+    done = ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") in ("finished", "max_steps")
+    if done and not retrain:
         return ckpt
+    # An interrupted run resumes where it stopped.
     config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=1000, max_steps=steps,
                        batch_size=batch, lr=lr, warmup_epochs=0.0, holdout_fraction=HOLDOUT_FRACTION,
-                       seed=seed, resume=False, progress=True)
+                       seed=seed, resume=ckpt.is_file() and not retrain, progress=True)
     started = time.time()
-    fit(config)
+    if fit(config).status == "stopped":
+        raise SystemExit(f"[{mode}] training was interrupted; run again to resume")
     print(f"[{mode}] trained {steps} steps of {batch} in {time.time() - started:.0f} s", flush=True)
     return ckpt
 
