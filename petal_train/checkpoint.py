@@ -21,6 +21,8 @@ from petal_runtime.files import atomic_path
 from .lora import ADAPTER_KEY, LoRAConfig
 
 FORMAT = "petal-adapter-checkpoint"
+# What a release checkpoint keeps of the run's progress (no optimizer or RNG state).
+RELEASE_PROGRESS = ("status", "epoch", "global_step", "global_batch", "world_size", "elapsed_s")
 VERSION = 1
 
 
@@ -69,7 +71,7 @@ class AdapterCheckpoint:
         return replace(self, adapters={k: v.half() for k, v in self.adapters.items()}, head={},
                        backbone_state={k: v.half() if v.is_floating_point() else v
                                        for k, v in self.backbone_state.items()},
-                       progress={k: v for k, v in self.progress.items() if k in ("status", "epoch", "global_step", "global_batch", "world_size", "elapsed_s")})
+                       progress={k: v for k, v in self.progress.items() if k in RELEASE_PROGRESS})
 
     def apply_to(self, backbone: torch.nn.Module, expected_base_sha256: str) -> None:
         """Load the adapters (or the full state) into an injected backbone built on the same base."""
