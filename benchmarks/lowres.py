@@ -54,7 +54,8 @@ def distractor_portraits(seed: int) -> np.ndarray:
     return portraits.images[keep]
 
 
-def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int, retrain: bool) -> Path:
+def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int, retrain: bool,
+          iqa: str | None) -> Path:
     ckpt = run_dir / "ckpt.pt"
     done = ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") in ("finished", "max_steps")
     if done and not retrain:
@@ -62,7 +63,7 @@ def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int
     # An interrupted run resumes where it stopped.
     config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=1000, max_steps=steps,
                        batch_size=batch, lr=lr, warmup_epochs=0.0, holdout_fraction=HOLDOUT_FRACTION,
-                       seed=seed, resume=ckpt.is_file() and not retrain, progress=True)
+                       seed=seed, resume=ckpt.is_file() and not retrain, progress=True, iqa=iqa)
     started = time.time()
     if fit(config).status == "stopped":
         raise SystemExit(f"[{mode}] training was interrupted; run again to resume")
@@ -88,18 +89,20 @@ def table(results: dict) -> str:
 @click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
 @click.option("--retrain", is_flag=True, help="Train again even where a checkpoint exists.")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
-def main(modes: str, steps: int, batch: int, lr: float, seed: int, retrain: bool, runs: str, out: str) -> None:
+def main(modes: str, steps: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool, runs: str,
+         out: str) -> None:
     """Train (where needed) and evaluate every mode; print the markdown table."""
     if not (SHARED_FACES / "lfw10").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
     faces, distractors = evaluation_faces(SHARED_FACES), distractor_portraits(seed)
     results = {}
     for mode in modes.split(","):
-        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, steps, batch, lr, seed, retrain)
-        model = load_model(ckpt)
+        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, steps, batch, lr, seed, retrain, iqa)
+        model = load_model(ckpt, iqa=iqa)
         started = time.time()
         results[mode] = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
         print(f"[{mode}] evaluated in {time.time() - started:.0f} s", flush=True)
