@@ -505,8 +505,12 @@ class Pipeline:
         finally:
             stop.set()
             src.stop()
-            for t in threads:
-                t.join(timeout=5.0)
+            # Analysis and recognition finish the item in hand and stop at their next queue operation;
+            # waiting for them keeps a later run (or reset()) from sharing state with them. The reader
+            # may sit in a network read: it gets a few seconds, then is left to die with the source.
+            threads[0].join(timeout=5.0)
+            for t in threads[1:]:
+                t.join()
             self.stats.dropped_frames = frames_q.dropped
             self.stats.wall_seconds += time.perf_counter() - start
 
