@@ -145,3 +145,15 @@ def test_failed_write_leaves_folder_as_it_was(inputs, tmp_path, monkeypatch):
     with pytest.raises(PetalError, match="could not write the export .*No space left on device"):
         export_models(inputs["ckpt"], out, iqa=inputs["iqa"], faces=inputs["aligned"][:1], log=None)
     assert folder_state(out) == before
+
+
+def test_stale_variants_of_an_earlier_export_are_removed(tmp_path):
+    """An engine or INT8 graph from an earlier export must not sit beside a new manifest."""
+    from petal_export.export import _remove_stale
+
+    for name in ("recognizer.onnx", "iqa.onnx", "recognizer.int8.onnx", "recognizer.fp16.engine", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    removed = []
+    _remove_stale(tmp_path, {"recognizer.onnx", "iqa.onnx"}, removed.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iqa.onnx", "notes.txt", "recognizer.onnx"]
+    assert len(removed) == 2
