@@ -96,7 +96,8 @@ def load_checkpoint(path: str | Path) -> AdapterCheckpoint:
         raise PetalError(f"checkpoint {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
+            IndexError, KeyError, TypeError) as exc:  # torch's unpickler raises any of these on foreign files
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise PetalError(f"{path} is not a readable PETAL checkpoint ({reason})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

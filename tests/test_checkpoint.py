@@ -60,7 +60,7 @@ def test_checkpoint_with_another_rank_is_refused(trained_like, tmp_path):
         load_checkpoint(path).apply_to(other.recognizer.backbone, base_weights_sha256())
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip"])
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip", b"just some text\n"])
 def test_damaged_files_are_one_line_errors(tmp_path, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
