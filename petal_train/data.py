@@ -330,6 +330,12 @@ class RecordIOFile:
             if magic != RECORDIO_MAGIC:
                 raise PetalError(f"{self.rec_path}: record {key} lacks the RecordIO magic (not a .rec file?)")
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            if limit is not None and len(out) + length >= limit:  # headers only: skip the image bytes
+                need = limit - len(out)
+                data = handle.read(need)
+                if len(data) < need:
+                    raise PetalError(f"{self.rec_path}: record {key} is truncated")
+                return bytes(out + data)
             data = handle.read(length + (-length % 4))
             if len(data) < length:
                 raise PetalError(f"{self.rec_path}: record {key} is truncated")
@@ -339,11 +345,14 @@ class RecordIOFile:
             out += _MAGIC_BYTES
 
     def header(self, key: int) -> IRHeader:
-        head = self.read(key, limit=IR_SIZE)
-        flag = struct.unpack(IR_FORMAT, head[:IR_SIZE])[0]
-        if flag > 0:
-            head = self.read(key, limit=IR_SIZE + 4 * flag)
-        return unpack_record(head)[0]
+        try:
+            head = self.read(key, limit=IR_SIZE)
+            flag = struct.unpack(IR_FORMAT, head[:IR_SIZE])[0]
+            if flag > 0:
+                head = self.read(key, limit=IR_SIZE + 4 * flag)
+            return unpack_record(head)[0]
+        except (ValueError, struct.error) as exc:
+            raise PetalError(f"{self.rec_path}: record {key} has no valid image header ({exc})") from None
 
 
 class RecordIOFaces(Sequence):
@@ -389,7 +398,10 @@ class RecordIOFaces(Sequence):
         raise PetalError(f"{self.file.rec_path}: no image of identity {self.names[self.labels[index]]} decodes")
 
     def _decode(self, key: int) -> np.ndarray | None:
-        _, encoded = unpack_record(self.file.read(key))
+        try:
+            _, encoded = unpack_record(self.file.read(key))
+        except ValueError:
+            return None
         rgb = decode_rgb(encoded) if encoded else None
         if rgb is None or rgb.shape[:2] == (FACE_SIZE, FACE_SIZE):
             return rgb

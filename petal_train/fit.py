@@ -288,6 +288,11 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the trainer, which saves a checkpoint before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class MetricsLog:
     """metrics.jsonl on rank 0: whole lines appended; on resume, lines past the checkpoint dropped."""
 
@@ -506,7 +511,7 @@ class Trainer:
                 self.dataset.set_epoch(self.epoch)
                 self.batches.set_epoch(self.epoch, skip=self.step_in_epoch)
                 loader = DataLoader(self.dataset, batch_sampler=self.batches, num_workers=workers,
-                                    pin_memory=self.device.type == "cuda")
+                                    pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint)
                 bar = self._bar()
                 self._train_mode()
                 window, window_start, epoch_sum, epoch_n = [], time.perf_counter(), 0.0, 0
@@ -545,6 +550,10 @@ class Trainer:
                     return FitResult(self.out, "max_steps", self.epoch, self.global_step)
             D.barrier(ctx)
             return FitResult(self.out, "finished", self.epoch, self.global_step)
+        except PetalError:
+            if self.global_step:  # e.g. a dataset file that became unreadable: keep the steps done so far
+                self.save("failed")
+            raise
         finally:
             restore()
 

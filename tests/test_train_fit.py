@@ -48,7 +48,7 @@ def iqa_file(tmp_path_factory) -> Path:
 
 def _config(tree: Path, iqa: Path, out: Path, **overrides) -> FitConfig:
     options = dict(data=str(tree), out=str(out), iqa=str(iqa), device="cpu", progress=False, batch_size=2,
-                   log_every=1, calibration_sample=16, warmup_epochs=0.0, head_init="random")
+                   log_every=1, calibration_sample=16, warmup_epochs=0.0, head_init="random", rank=2)
     return FitConfig(**{**options, **overrides})
 
 
