@@ -5,9 +5,11 @@ import click
 
 from petal_runtime.errors import exit_on_user_error
 
+from .calibrate import calibrate_command
 from .evaluate import eval_command
 from .fit import fit_command
 from .grad_report import grad_report_command
+from .iqa_train import iqa
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,6 +45,8 @@ def models_list() -> None:
         click.echo(f"{name:12s} input {spec.input_size}  embedding {spec.embedding_size}  [{source}]")
 
 
+cli.add_command(iqa)
+cli.add_command(calibrate_command)
 cli.add_command(fit_command)
 cli.add_command(eval_command)
 cli.add_command(grad_report_command)
