@@ -54,7 +54,12 @@ def test_two_gloo_processes_train_the_same_adapters_as_one(four_faces, tmp_path)
     common = dict(data=str(four_faces), iqa=str(tmp_path / "iqa.pth"), mode="petal", rank=2, max_steps=2, dropout=0.0,
                   precision="fp64", warmup_epochs=0.0, device="cpu", progress=False, log_every=1,
                   calibration_sample=8, head_init="embeddings")
-    fit(FitConfig(out=str(tmp_path / "one"), batch_size=2, **common))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the two processes runs (cores / processes threads)
+    try:
+        fit(FitConfig(out=str(tmp_path / "one"), batch_size=2, **common))
+    finally:
+        torch.set_num_threads(threads)
     fit(FitConfig(out=str(tmp_path / "two"), batch_size=1, nproc=2, **common))
 
     one, two = load_checkpoint(tmp_path / "one" / "ckpt.pt"), load_checkpoint(tmp_path / "two" / "ckpt.pt")
