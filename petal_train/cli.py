@@ -50,4 +50,15 @@ cli.add_command(calibrate_command)
 cli.add_command(fit_command)
 cli.add_command(eval_command)
 cli.add_command(grad_report_command)
+@cli.command("release")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where to write the release file.")
+def release(checkpoint: str, out: str) -> None:
+    """Strip a run's checkpoint for shipping: FP16 adapters, no head or optimizer state."""
+    from .checkpoint import load_checkpoint
+
+    path = load_checkpoint(checkpoint).for_release().save(out)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
 main = exit_on_user_error(cli)
