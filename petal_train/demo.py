@@ -87,7 +87,8 @@ def match_tracks_to_truth(result: dict, truth: dict) -> dict[int, str]:
 @click.option("--seed", default=1, show_default=True, help="Which held-out people walk through the clip.")
 def main(out: Path, checkpoint: str, seed: int) -> None:
     """Run the whole PETAL path on real faces and say whether each track was named right."""
-    from petal_export import export_models, resolve_checkpoint
+    from petal_export import export_models
+    from petal_export.export import resolve_checkpoint
 
     from .synth import SynthConfig, make_clip, people_from_portraits
 
