@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,22 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
+from machine import cpu_name, load_average  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -276,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
 
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    load_before = _load()
+    load_before = load_average()
     models = models_folder(args.models)
     clip = clip_720p(args.seconds, args.seed)
     gallery = gallery_for(models)
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores; load average before {load_before}", file=sys.stderr)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; load average before {load_before}", file=sys.stderr)
     print(f"clip: {clip.path.name} {clip.width}x{clip.height}, {clip.frames} frames, people {clip.identities}",
           file=sys.stderr)
 
@@ -290,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = sequential_profile(models, gallery, clip, args.threads, args.detect_every)
     faces = real_faces(32)
     rec_rows, rec_notes = recognizer_speed(models, args.recognizer_threads, args.rounds, faces)
-    load_after = _load()
+    load_after = load_average()
 
     out = []
-    out.append(f"## Runtime on {_cpu_name()} ({os.cpu_count()} cores), load average {load_before} -> {load_after}\n")
+    out.append(f"## Runtime on {cpu_name()} ({os.cpu_count()} cores), load average {load_before} -> {load_after}\n")
     out.append(f"End to end, {clip.width}x{clip.height} H.264, {clip.frames} frames, three people at 16-48 px, "
                f"ONNX Runtime CPU, detection every {args.detect_every} frames (around tracks in between):\n")
     rows = []
@@ -331,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "profile": profile, "recognizer": rec_rows, "notes": rec_notes,
-                                               "load": [load_before, load_after], "cpu": _cpu_name()}, indent=1))
+                                               "load": [load_before, load_after], "cpu": cpu_name()}, indent=1))
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,22 +34,7 @@ sys.path.insert(0, str(REPO))
 MODES = ("frozen", "lora", "petal", "full")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
+from machine import cpu_name, load_average  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 def _iqa_weights(work: Path, given: str | None) -> str:
     """The IQA file to gate with: given, shipped, or a seeded untrained CNNIQA (speed is the same)."""
@@ -144,11 +128,11 @@ def main(modes, data, batch_size, steps, warmup, nproc, device, one_thread, iqa,
     nproc = nproc or (gpus if device == "cuda" else 2)
     backend = "nccl" if device == "cuda" else "gloo"
     threads = torch.get_num_threads()
-    header = (f"device: {torch.cuda.get_device_name(0) + f' x{gpus}' if gpus else _cpu_name()}, "
+    header = (f"device: {torch.cuda.get_device_name(0) + f' x{gpus}' if gpus else cpu_name()}, "
               f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
               f"batch {batch_size} per process, {steps} measured steps after {warmup} warm-up")
     print(header)
-    print(f"load average before: {_load()}")
+    print(f"load average before: {load_average()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -164,7 +148,7 @@ def main(modes, data, batch_size, steps, warmup, nproc, device, one_thread, iqa,
                 rows.append(row)
                 print(f"  {mode} x{processes}{' (1 thread)' if pinned else ''}: {row['samples_per_s']:.2f} samples/s "
                       f"(global batch {row['global_batch']}, {row['wall_s']} s with setup)", flush=True)
-    print(f"load average after: {_load()}\n")
+    print(f"load average after: {load_average()}\n")
     print(_table(rows, nproc, backend, threads))
     if nproc == 1:
         print("\n(one device only: no parallel run to compare)")
