@@ -7,8 +7,6 @@ primitives, loaded with `torch.load(weights_only=True)`, and written atomically.
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path
 
 from .lora import ADAPTER_KEY, LoRAConfig
+from .torch_files import load_torch_file
 
 FORMAT = "petal-adapter-checkpoint"
 # What a release checkpoint keeps of the run's progress (no optimizer or RNG state).
@@ -92,14 +91,7 @@ class AdapterCheckpoint:
 def load_checkpoint(path: str | Path) -> AdapterCheckpoint:
     """Read a checkpoint safely (weights_only); any damage becomes a one-line PetalError."""
     path = Path(path)
-    if not path.is_file():
-        raise PetalError(f"checkpoint {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
-            IndexError, KeyError, TypeError) as exc:  # torch's unpickler raises any of these on foreign files
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise PetalError(f"{path} is not a readable PETAL checkpoint ({reason})") from None
+    data = load_torch_file(path, "checkpoint", "PETAL checkpoint")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise PetalError(f"{path} is not a PETAL adapter checkpoint")
     if data.get("version") != VERSION:

@@ -8,8 +8,6 @@ Input: (RGB - 127.5) / 127.5 at 112x112. Output: 512-d embedding (not normalised
 """
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +17,7 @@ import torch.nn as nn
 from petal_runtime.errors import PetalError
 
 from ..registry import register_model
+from ..torch_files import load_torch_file
 
 BN_EPS = 1e-5
 FC_SPATIAL = 7 * 7  # 112 px halved four times
@@ -85,13 +84,7 @@ def load_weights_file(model: nn.Module, weights: str | Path) -> None:
     code. Shared by the backbones whose weights the user brings.
     """
     path = Path(weights)
-    if not path.is_file():
-        raise PetalError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise PetalError(f"{path} is not a readable PyTorch weights file ({reason})") from None
+    state = load_torch_file(path, "weights file", "PyTorch weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PetalError(f"{path} does not hold a plain state dict (name -> tensor)")
     own = model.state_dict()
