@@ -257,25 +257,10 @@ def calibrate_on_training_data(data: TrainingData, iqa_net: nn.Module, sample: i
         picks = np.sort(np.random.default_rng([seed, 0xCA11B]).choice(len(images), min(sample, len(images)),
                                                                         replace=False))
         images = np.stack([np.asarray(images[int(i)]) for i in picks])
-    try:
-        from .calibrate import calibrate_threshold
-    except ImportError:  # pragma: no cover - calibrate.py ships with the package
-        return _mean_plus_std(images, iqa_net, sample, seed)
+    from .calibrate import calibrate_threshold
+
     result = calibrate_threshold(images, iqa_net, sample=sample, seed=seed, degrade=True)
     return {**asdict(result), "t": float(result.threshold), "method": "petal_train.calibrate"}
-
-
-def _mean_plus_std(images: np.ndarray, iqa_net: nn.Module, sample: int, seed: int) -> dict:
-    from .degrade import degrade
-    from .iqa import QualityScorer
-
-    rng = np.random.default_rng(seed)
-    faces = np.stack([degrade(images[i], rng)[0] for i in rng.choice(len(images), sample, len(images) < sample)])
-    scorer = QualityScorer(iqa_net).eval()
-    with torch.no_grad():
-        scores = scorer(torch.from_numpy(faces.transpose(0, 3, 1, 2).astype(np.float32))).double().numpy()
-    return {"t": float(scores.mean() + scores.std()), "mean": float(scores.mean()), "std": float(scores.std()),
-            "sample": sample, "seed": seed, "method": "mean+std of IQA scores of degraded training faces"}
 
 
 def _to_cpu(obj: Any) -> Any:
