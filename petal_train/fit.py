@@ -335,7 +335,8 @@ class Trainer:
         self.device, self.dtype = ctx.device, PRECISIONS[config.precision]
         if self.dtype != torch.float32 and self.device.type != "cpu":
             raise PetalError(f"--precision {config.precision} is for CPU numerical checks; use fp32 (AMP) on GPU")
-        self.built.recognizer.to(self.device, self.dtype)
+        # channels_last: oneDNN (CPU) and cuDNN (AMP) run these convs about a third faster.
+        self.built.recognizer.to(self.device, self.dtype, memory_format=torch.channels_last)
         self.head.to(self.device, self.dtype)
 
         self.iqa, self.iqa_sha256, self.calibration = None, "", {}
@@ -449,7 +450,7 @@ class Trainer:
 
     def _backward(self, images: torch.Tensor, labels: torch.Tensor):
         """Alpha from the frozen IQA, forward, backward; returns (loss, accuracy, alpha)."""
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with torch.no_grad():
             images = images.to(self.dtype)

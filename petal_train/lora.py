@@ -5,9 +5,9 @@
 How alpha reaches every adapted layer: `inject` gives all adapted layers one shared `AlphaGate`;
 `PetalRecognizer.forward(image, alpha)` binds alpha to the gate for the duration of the backbone
 call. Backbone forwards stay untouched, and because the layers read the very tensor that was passed
-in, tracing records `alpha` as a real graph input. Each layer reshapes its branch outputs to
-[N, -1] with N = alpha's batch, so layers whose batch is N * windows (Swin's windowed attention)
-mix per sample too, without freezing the window count into the graph.
+in, tracing records `alpha` as a real graph input. Each layer weights its rank-space activations
+per sample through a reshape to [N, -1] with N = alpha's batch, so layers whose batch is N * windows
+(Swin's windowed attention) mix per sample too, without freezing the window count into the graph.
 
 Parameter names follow the official PETALface code (`trainable_lora_down/up` for the low-quality
 branch, `trainable_lora_down2/up2` for the high-quality one), and adapted layers subclass the layer
@@ -67,9 +67,10 @@ class _AdapterMixin:
     gate: AlphaGate | None
     twin: bool
     scale: float
+    rank: int
 
     def _add_branches(self, make_down, make_up, rank: int, scale: float, dropout: float, twin: bool) -> None:
-        self.twin, self.scale = twin, scale
+        self.twin, self.scale, self.rank = twin, scale, rank
         self.lora_dropout = nn.Dropout(dropout)
         self.trainable_lora_down, self.trainable_lora_up = make_down(), make_up()
         if twin:
@@ -83,20 +84,28 @@ class _AdapterMixin:
         if self.twin:
             yield self.trainable_lora_down2, self.trainable_lora_up2
 
-    def _branch(self, down: nn.Module, up: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * up(self.lora_dropout(down(x)))
-
     def _adapt(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        low = self._branch(self.trainable_lora_down, self.trainable_lora_up, x)
         if not self.twin:
-            return base_out + low
+            down = self.lora_dropout(self._down(x, self.trainable_lora_down.weight))
+            return base_out.add_(self._up(down, self.scale * self.trainable_lora_up.weight))
         alpha = self.gate.alpha if self.gate is not None else None
         if alpha is None:
             raise RuntimeError("twin adapters need alpha: call the model through PetalRecognizer(image, alpha)")
-        high = self._branch(self.trainable_lora_down2, self.trainable_lora_up2, x)
-        n = alpha.shape[0]
-        mixed = low.reshape(n, -1) * (1.0 - alpha) + high.reshape(n, -1) * alpha
-        return base_out + mixed.reshape(base_out.shape)
+        # Both branches as one projection each way, mixed in rank space: up is linear, so
+        # (1-a) up1(d1) + a up2(d2) = [up1 | up2]((1-a) d1, a d2), at rank cost instead of out-channel cost.
+        down = self.lora_dropout(self._down(x, torch.cat([self.trainable_lora_down.weight,
+                                                          self.trainable_lora_down2.weight])))
+        low, high = down.split(self.rank, dim=self._channel_dim)
+        mixed = torch.cat([_per_sample(low, 1.0 - alpha), _per_sample(high, alpha)], dim=self._channel_dim)
+        up = torch.cat([self.trainable_lora_up.weight, self.trainable_lora_up2.weight], dim=1)
+        # In place: the base output is not needed for its own backward, and these maps are large.
+        return base_out.add_(self._up(mixed, self.scale * up))
+
+
+def _per_sample(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """t * weight[sample]; t's batch may be N * k (Swin's windows), weight's is N."""
+    n = weight.shape[0]
+    return (t.reshape(n, -1) * weight.reshape(n, 1)).reshape(t.shape)
 
 
 class TwinLoRALinear(nn.Linear, _AdapterMixin):
@@ -109,6 +118,14 @@ class TwinLoRALinear(nn.Linear, _AdapterMixin):
         self.gate = gate
         self._add_branches(lambda: nn.Linear(base.in_features, rank, bias=False),
                            lambda: nn.Linear(rank, base.out_features, bias=False), rank, scale, dropout, twin)
+
+    _channel_dim = -1
+
+    def _down(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def _up(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._adapt(x, F.linear(x, self.weight, self.bias))
@@ -129,6 +146,15 @@ class TwinLoRAConv2d(nn.Conv2d, _AdapterMixin):
             lambda: nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                               base.dilation, groups=1, bias=False),
             lambda: nn.Conv2d(rank, base.out_channels, 1, bias=False), rank, scale, dropout, twin)
+
+    _channel_dim = 1
+
+    def _down(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        down = self.trainable_lora_down
+        return F.conv2d(x, weight, None, down.stride, down.padding, down.dilation)
+
+    def _up(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._adapt(x, self._conv_forward(x, self.weight, self.bias))

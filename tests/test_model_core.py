@@ -57,6 +57,23 @@ def test_twin_output_is_the_papers_mix_per_sample():
     assert torch.allclose(out, layer(x) + (1 - alpha) * low + alpha * high, atol=1e-6)
 
 
+def test_conv_twin_output_is_the_papers_mix_per_sample():
+    """The conv layer mixes in rank space; the result must still be the paper's formula."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6)
+    gate = AlphaGate()
+    twin = TwinLoRAConv2d(base, rank=2, scale=0.5, dropout=0.0, twin=True, gate=gate).eval()
+    _randomise_up(twin)
+    x = torch.randn(3, 6, 9, 9)
+    alpha = torch.tensor([[0.0], [0.3], [1.0]])
+    low = 0.5 * twin.trainable_lora_up(twin.trainable_lora_down(x))
+    high = 0.5 * twin.trainable_lora_up2(twin.trainable_lora_down2(x))
+    a = alpha.reshape(-1, 1, 1, 1)
+    with gate.bind(alpha):
+        out = twin(x)
+    torch.testing.assert_close(out, base(x) + (1 - a) * low + a * high, atol=1e-5, rtol=1e-5)
+
+
 def test_conv_adapter_down_follows_base_geometry_and_up_is_1x1():
     base = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)
     conv = TwinLoRAConv2d(base, rank=8, scale=1.0, dropout=0.1, twin=True, gate=AlphaGate())
