@@ -7,7 +7,7 @@ portraits as distractors; probes = the other 9 images of each identity degraded 
 and 32 px (downscale-and-back, mild noise and JPEG, seeded), and undegraded.
 
     python benchmarks/lowres.py                       # train what is missing, evaluate, print the table
-    python benchmarks/lowres.py --steps 300 --retrain # train again from scratch
+    python benchmarks/lowres.py --epochs 20 --retrain # train again from scratch
 
 Runs land in benchmarks/runs/<mode>/ (ckpt.pt, metrics.jsonl); results in
 benchmarks/results/lowres.json and a CMC plot per mode.
@@ -54,20 +54,21 @@ def distractor_portraits(seed: int) -> np.ndarray:
     return portraits.images[keep]
 
 
-def train(mode: str, run_dir: Path, steps: int, batch: int, lr: float, seed: int, retrain: bool,
+def train(mode: str, run_dir: Path, epochs: int, batch: int, lr: float, seed: int, retrain: bool,
           iqa: str | None) -> Path:
     ckpt = run_dir / "ckpt.pt"
-    done = ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") in ("finished", "max_steps")
+    done = ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") == "finished"
     if done and not retrain:
         return ckpt
-    # An interrupted run resumes where it stopped.
-    config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=1000, max_steps=steps,
-                       batch_size=batch, lr=lr, warmup_epochs=0.0, holdout_fraction=HOLDOUT_FRACTION,
-                       seed=seed, resume=ckpt.is_file() and not retrain, progress=True, iqa=iqa)
+    # The paper's recipe (warm-up epoch, polynomial decay over the whole run); an interrupted run
+    # resumes where it stopped.
+    config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=epochs, batch_size=batch, lr=lr,
+                       holdout_fraction=HOLDOUT_FRACTION, seed=seed, resume=ckpt.is_file() and not retrain,
+                       progress=True, iqa=iqa)
     started = time.time()
     if fit(config).status == "stopped":
         raise SystemExit(f"[{mode}] training was interrupted; run again to resume")
-    print(f"[{mode}] trained {steps} steps of {batch} in {time.time() - started:.0f} s", flush=True)
+    print(f"[{mode}] trained {epochs} epochs of batch {batch} in {time.time() - started:.0f} s", flush=True)
     return ckpt
 
 
@@ -85,7 +86,7 @@ def table(results: dict) -> str:
 
 @click.command()
 @click.option("--modes", default=",".join(MODES), show_default=True)
-@click.option("--steps", default=200, show_default=True, help="Training steps per trained mode.")
+@click.option("--epochs", default=20, show_default=True, help="Training epochs per trained mode (487 portraits each).")
 @click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -93,7 +94,7 @@ def table(results: dict) -> str:
 @click.option("--retrain", is_flag=True, help="Train again even where a checkpoint exists.")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
-def main(modes: str, steps: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool, runs: str,
+def main(modes: str, epochs: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool, runs: str,
          out: str) -> None:
     """Train (where needed) and evaluate every mode; print the markdown table."""
     if not (SHARED_FACES / "lfw10").is_dir():
@@ -101,14 +102,14 @@ def main(modes: str, steps: int, batch: int, lr: float, seed: int, iqa: str | No
     faces, distractors = evaluation_faces(SHARED_FACES), distractor_portraits(seed)
     results = {}
     for mode in modes.split(","):
-        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, steps, batch, lr, seed, retrain, iqa)
+        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, epochs, batch, lr, seed, retrain, iqa)
         model = load_model(ckpt, iqa=iqa)
         started = time.time()
         results[mode] = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
         print(f"[{mode}] evaluated in {time.time() - started:.0f} s", flush=True)
         plot_cmc({n: c["cmc"] for n, c in results[mode]["conditions"].items()}, Path(out) / f"cmc_{mode}.png",
                  f"CMC: {mode} on lfw10+orl40")
-        record = {"mode": mode, "steps": 0 if mode == "frozen" else steps, "batch": batch, "lr": lr, "seed": seed,
+        record = {"mode": mode, "epochs": 0 if mode == "frozen" else epochs, "batch": batch, "lr": lr, "seed": seed,
                   "result": results[mode]}
         atomic_write_text(Path(out) / f"lowres_{mode}.json", json.dumps(record, indent=2))
     # Modes evaluated by earlier invocations join the table too.

@@ -67,7 +67,9 @@ class AdapterCheckpoint:
         """A shippable copy: no head or optimizer state, adapters stored in FP16 (loading casts back)."""
         from dataclasses import replace
 
-        return replace(self, adapters={k: v.half() for k, v in self.adapters.items()}, head={},
+        # The run folder is a path on the training machine: meaningless (and private) elsewhere.
+        training = {**self.training, "config": {k: v for k, v in self.training.get("config", {}).items() if k != "out"}}
+        return replace(self, adapters={k: v.half() for k, v in self.adapters.items()}, head={}, training=training,
                        backbone_state={k: v.half() if v.is_floating_point() else v
                                        for k, v in self.backbone_state.items()},
                        progress={k: v for k, v in self.progress.items() if k in RELEASE_PROGRESS})

@@ -25,6 +25,7 @@ MODEL_SOURCES = ("petal_train/lora.py", "petal_train/model.py", "petal_train/iqa
                  "petal_runtime/contract.py")
 CLIP_SOURCES = ("petal_train/synth.py", "petal_train/degrade.py")
 IQA_WEIGHTS = REPO / "petal_train" / "weights" / "iqa_faces.pth"
+DEFAULT_CHECKPOINT = REPO / "petal_train" / "weights" / "sface_default.pt"
 
 
 def _key(sources: tuple[str, ...], *extra: str) -> str:
@@ -32,8 +33,10 @@ def _key(sources: tuple[str, ...], *extra: str) -> str:
     for rel in sources:
         path = REPO / rel
         digest.update(path.read_bytes() if path.is_file() else b"-")
-    if sources is MODEL_SOURCES and IQA_WEIGHTS.is_file():
-        digest.update(IQA_WEIGHTS.read_bytes())
+    if sources is MODEL_SOURCES:
+        for weights in (IQA_WEIGHTS, DEFAULT_CHECKPOINT):
+            if weights.is_file():
+                digest.update(weights.read_bytes())
     for e in extra:
         digest.update(e.encode())
     return digest.hexdigest()[:16]

@@ -96,3 +96,11 @@ def test_release_copy_is_small_and_loads_to_nearly_the_same_recognizer(trained_l
         got = fresh.recognizer.eval()(image, alpha)
         want = trained_like.recognizer.eval()(image, alpha)
     assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9999
+
+
+def test_release_copy_keeps_the_recipe_but_not_the_training_machines_paths(trained_like):
+    full = _checkpoint(trained_like)
+    full.training = {"config": {"out": "/home/someone/runs/petal", "epochs": 8, "lr": 5e-4}}
+    released = full.for_release()
+    assert released.training["config"] == {"epochs": 8, "lr": 5e-4}
+    assert released.head == {} and full.training["config"]["out"] == "/home/someone/runs/petal"

@@ -9,7 +9,7 @@ import torch
 
 from export_support import folder_state, make_checkpoint, make_iqa, write_faces
 from petal_export.cli import cli
-from petal_export.export import default_checkpoint_path, export_models
+from petal_export.export import export_models
 from petal_runtime.errors import PetalError
 
 
@@ -110,9 +110,11 @@ def test_missing_base_model(inputs, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-def test_default_checkpoint(inputs):
-    if default_checkpoint_path().is_file():
-        pytest.skip("the default checkpoint is shipped now")
+def test_default_checkpoint_missing_from_an_install(inputs, monkeypatch):
+    """An install without the shipped default (e.g. a trimmed wheel) says so in one line."""
+    import petal_export.export as export
+
+    monkeypatch.setattr(export, "default_checkpoint_path", lambda: inputs["root"] / "absent" / "sface_default.pt")
     _assert_refused(inputs, "default", inputs["root"] / "o8", "default checkpoint")
 
 
