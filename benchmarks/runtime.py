@@ -2,7 +2,7 @@
 recognizer alone (ONNX Runtime FP32 and INT8 against PyTorch eager on the same model, as ratios
 measured side by side), and what quality-aware selection saves. Prints markdown tables.
 
-    python benchmarks/runtime.py                      # stand-in export of the untrained PETAL SFace
+    python benchmarks/runtime.py                      # the test suite's export of the default checkpoint
     python benchmarks/runtime.py --models exported/   # a petal-export folder
     python benchmarks/runtime.py --json bench.json --seconds 6
 
@@ -178,11 +178,30 @@ def int8_graph(models: Path, faces: np.ndarray, workdir: Path) -> tuple[Path | N
                  "32 real LFW faces for calibration, made by this benchmark)")
 
 
-def recognizer_speed(models: Path, threads: int, rounds: int, faces: np.ndarray) -> tuple[list[list], dict]:
+def eager_recognizer(manifest: dict, checkpoint: str | None):
+    """The PyTorch model the export came from: --checkpoint, else the shipped default when the
+    manifest's checkpoint hash matches it, else the untrained PETAL SFace of the same size (noted)."""
+    from petal_export.export import default_checkpoint_path
+    from petal_runtime.files import sha256_file
+    from petal_train.evaluate import load_model
+    from petal_train.model import build_recognizer
+
+    exported_from = manifest.get("checkpoint_sha256")
+    default = default_checkpoint_path()
+    if checkpoint is None and exported_from and default.is_file() and sha256_file(default) == exported_from:
+        checkpoint = str(default)
+    if checkpoint is not None:
+        return load_model(checkpoint, device="cpu").recognizer, None
+    note = None
+    if exported_from:
+        note = "(export of an unknown checkpoint: PyTorch eager runs the untrained PETAL SFace of the same size)"
+    return build_recognizer("sface").recognizer.eval(), note
+
+
+def recognizer_speed(models: Path, threads: int, rounds: int, faces: np.ndarray,
+                     checkpoint: str | None = None) -> tuple[list[list], dict]:
     import onnxruntime as ort
     import torch
-
-    from petal_train.model import build_recognizer
 
     torch.set_num_threads(threads)
     engines = {}
@@ -199,11 +218,7 @@ def recognizer_speed(models: Path, threads: int, rounds: int, faces: np.ndarray)
         int8_path, int8_note = int8_graph(models, faces, Path(tmp))
         if int8_path is not None:
             engines["ONNX Runtime INT8"] = ort_session(int8_path)
-        recognizer = build_recognizer("sface").recognizer.eval()
-        ckpt = None
-        manifest = json.loads((models / "manifest.json").read_text())
-        if manifest.get("checkpoint_sha256"):
-            ckpt = "(export of a trained checkpoint: PyTorch eager runs the untrained PETAL SFace of the same size)"
+        recognizer, ckpt = eager_recognizer(json.loads((models / "manifest.json").read_text()), checkpoint)
 
         def eager(x, a):
             with torch.inference_mode():
@@ -246,7 +261,9 @@ def recognizer_speed(models: Path, threads: int, rounds: int, faces: np.ndarray)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help="petal-export folder (default: the test suite's stand-in export)")
+    parser.add_argument("--models", help="petal-export folder (default: the test suite's export of the default checkpoint)")
+    parser.add_argument("--checkpoint", help="the checkpoint --models was exported from, for the PyTorch column "
+                        "(default: the shipped one when the manifest's hash matches)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the 720p clip")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per session (pipeline)")
     parser.add_argument("--recognizer-threads", type=int, default=os.cpu_count() or 1)
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(end_to_end(models, gallery, clip, "all", args.threads, args.detect_every))
     profile = sequential_profile(models, gallery, clip, args.threads, args.detect_every)
     faces = real_faces(32)
-    rec_rows, rec_notes = recognizer_speed(models, args.recognizer_threads, args.rounds, faces)
+    rec_rows, rec_notes = recognizer_speed(models, args.recognizer_threads, args.rounds, faces, args.checkpoint)
     load_after = load_average()
 
     out = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import click
@@ -68,13 +69,18 @@ class _Progress:
             click.echo("", err=True)
 
 
+def for_display(name: str) -> str:
+    """Composed Unicode (NFC): decomposed names (macOS file names) misalign fixed-width tables."""
+    return unicodedata.normalize("NFC", name)
+
+
 def _track_table(tracks: list[dict]) -> str:
     header = f"{'track':>5}  {'identity':<28} {'score':>6}  {'frames':>6}  {'first':>6}  {'last':>6}  {'best q':>7}"
     lines = [header, "-" * len(header)]
     for t in tracks:
         score = "-" if t["score"] is None else f"{t['score']:.3f}"
         best = "-" if t["best_quality"] is None else f"{t['best_quality']:.3f}"
-        lines.append(f"{t['track_id']:>5}  {t['identity'][:28]:<28} {score:>6}  {t['frames']:>6}  "
+        lines.append(f"{t['track_id']:>5}  {for_display(t['identity'])[:28]:<28} {score:>6}  {t['frames']:>6}  "
                      f"{t['first_frame']:>6}  {t['last_frame']:>6}  {best:>7}")
     if not tracks:
         lines.append("(no face tracks)")
@@ -359,7 +365,7 @@ def gallery_list(gallery_path: Path) -> None:
 
     gallery = Gallery.load(gallery_path)
     for row in gallery.entries:
-        click.echo(f"{str(row['name']):<40} {int(row['count']):>4} image(s)")
+        click.echo(f"{for_display(str(row['name'])):<40} {int(row['count']):>4} image(s)")
     click.echo(f"{len(gallery)} identities, {gallery.dim}-d, models sha256 "
                f"{str(gallery.meta.get('models_sha256', '?'))[:16]}... ({gallery.meta.get('models_dir', '?')})")
 

@@ -122,6 +122,8 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
               "--json", str(out / "result.json"), "--annotate", str(out / "annotated.mp4"), "--no-progress")
     _done(started)
 
+    from petal_runtime.cli import for_display
+
     result = json.loads((out / "result.json").read_text())
     truth = json.loads(clip.path.with_suffix(".truth.json").read_text())
     followed = match_tracks_to_truth(result, truth)
@@ -132,7 +134,7 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
         ok = track["identity"] == expected
         right += ok
         named = f"{track['identity']} ({track['score']:.2f})" if track["score"] is not None else track["identity"]
-        click.echo(f"{track['track_id']:>5}  {named:<36}  {expected:<30} {'yes' if ok else 'NO'}")
+        click.echo(f"{track['track_id']:>5}  {for_display(named):<36}  {for_display(expected):<30} {'yes' if ok else 'NO'}")
     click.echo(f"\n{right} of {len(result['tracks'])} tracks named right; "
                f"{len(set(followed.values()))} of {len(clip.tracks)} people followed.")
     click.echo(f"Results: {out / 'result.json'}\nAnnotated video: {out / 'annotated.mp4'}")

@@ -284,3 +284,15 @@ def test_report_stays_valid_json_with_nan():
     from petal_runtime.cli import _finite
 
     assert _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def test_track_table_columns_line_up_for_decomposed_names():
+    """Names from macOS file names come decomposed (o + combining circumflex); columns must not shift."""
+    import unicodedata
+
+    from petal_runtime.cli import _track_table
+
+    row = {"track_id": 1, "score": 0.77, "frames": 87, "first_frame": 8, "last_frame": 94, "best_quality": 0.75}
+    composed = _track_table([{**row, "identity": "Jerônimo Goergen"}]).splitlines()[2]
+    decomposed = _track_table([{**row, "identity": unicodedata.normalize("NFD", "Jerônimo Goergen")}]).splitlines()[2]
+    assert decomposed == composed
