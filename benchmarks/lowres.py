@@ -7,10 +7,13 @@ portraits as distractors; probes = the other 9 images of each identity degraded 
 and 32 px (downscale-and-back, mild noise and JPEG, seeded), and undegraded.
 
     python benchmarks/lowres.py                       # train what is missing, evaluate, print the table
-    python benchmarks/lowres.py --epochs 20 --retrain # train again from scratch
+    python benchmarks/lowres.py --retrain             # train again from scratch
+    python benchmarks/lowres.py --modes "" --exported exported/   # rows for a petal-export folder
 
 Runs land in benchmarks/runs/<mode>/ (ckpt.pt, metrics.jsonl); results in
-benchmarks/results/lowres.json and a CMC plot per mode.
+benchmarks/results/lowres_<row>.json and a CMC plot per row. --exported evaluates what the edge
+runs: each recognizer graph of the folder (FP32, FP16, INT8, whichever exist) with its iqa.onnx,
+through petal_runtime on ONNX Runtime, on the same probes.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from petal_train.fit import FitConfig, fit  # noqa: E402
 
 SHARED_FACES = ROOT.parent / "shared" / "data" / "faces"
 MODES = ("frozen", "full", "lora", "petal")
+EXPORTED_ROWS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
 PROBE_PX = (16, 20, 24, 32)
 HOLDOUT_FRACTION = 0.2
 
@@ -72,6 +76,40 @@ def train(mode: str, run_dir: Path, epochs: int, batch: int, lr: float, seed: in
     return ckpt
 
 
+class ExportedModel:
+    """A petal-export folder run by petal_runtime, with the `embed` that evaluate_folders calls."""
+
+    def __init__(self, folder: Path, precision: str) -> None:
+        from petal_runtime.models import Models
+
+        self.models = Models.from_dir(folder, backend="onnxruntime", precision=precision)
+
+    def embed(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
+        from petal_runtime.contract import to_model_input
+
+        out = []
+        for start in range(0, len(images), batch):
+            x = to_model_input(images[start:start + batch])
+            out.append(self.models.embed(x, self.models.alpha(self.models.quality(x))))
+        return np.concatenate(out)
+
+
+def exported_rows(folder: Path) -> list[tuple[str, str]]:
+    """(row, precision) for each recognizer graph the folder holds."""
+    names = {"fp32": "recognizer.onnx", "fp16": "recognizer.fp16.onnx", "int8": "recognizer.int8.onnx"}
+    return [(f"onnx-{p}", p) for p, name in names.items() if (folder / name).is_file()]
+
+
+def evaluate_and_save(row: str, model, faces: FaceSet, distractors: np.ndarray, seed: int, out: Path,
+                      record: dict) -> None:
+    started = time.time()
+    result = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
+    print(f"[{row}] evaluated in {time.time() - started:.0f} s", flush=True)
+    plot_cmc({n: c["cmc"] for n, c in result["conditions"].items()}, out / f"cmc_{row}.png",
+             f"CMC: {row} on lfw10+orl40")
+    atomic_write_text(out / f"lowres_{row}.json", json.dumps({**record, "result": result}, indent=2))
+
+
 def table(results: dict) -> str:
     header = "| mode | " + " | ".join(f"{px} px r1 / r5" for px in PROBE_PX) + " | clean r1 / r5 |"
     lines = [header, "|---" * (len(PROBE_PX) + 2) + "|"]
@@ -86,38 +124,38 @@ def table(results: dict) -> str:
 
 @click.command()
 @click.option("--modes", default=",".join(MODES), show_default=True)
-@click.option("--epochs", default=20, show_default=True, help="Training epochs per trained mode (487 portraits each).")
+@click.option("--epochs", default=8, show_default=True, help="Training epochs per trained mode (487 portraits each).")
 @click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
 @click.option("--retrain", is_flag=True, help="Train again even where a checkpoint exists.")
+@click.option("--exported", type=click.Path(exists=True, file_okay=False),
+              help="Also evaluate this petal-export folder's graphs through petal_runtime (ONNX Runtime).")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
-def main(modes: str, epochs: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool, runs: str,
-         out: str) -> None:
+def main(modes: str, epochs: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool,
+         exported: str | None, runs: str, out: str) -> None:
     """Train (where needed) and evaluate every mode; print the markdown table."""
     if not (SHARED_FACES / "lfw10").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
     faces, distractors = evaluation_faces(SHARED_FACES), distractor_portraits(seed)
-    results = {}
-    for mode in modes.split(","):
+    for mode in [m for m in modes.split(",") if m]:
         ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, epochs, batch, lr, seed, retrain, iqa)
-        model = load_model(ckpt, iqa=iqa)
-        started = time.time()
-        results[mode] = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
-        print(f"[{mode}] evaluated in {time.time() - started:.0f} s", flush=True)
-        plot_cmc({n: c["cmc"] for n, c in results[mode]["conditions"].items()}, Path(out) / f"cmc_{mode}.png",
-                 f"CMC: {mode} on lfw10+orl40")
-        record = {"mode": mode, "epochs": 0 if mode == "frozen" else epochs, "batch": batch, "lr": lr, "seed": seed,
-                  "result": results[mode]}
-        atomic_write_text(Path(out) / f"lowres_{mode}.json", json.dumps(record, indent=2))
-    # Modes evaluated by earlier invocations join the table too.
+        record = {"mode": mode, "epochs": 0 if mode == "frozen" else epochs, "batch": batch, "lr": lr, "seed": seed}
+        evaluate_and_save(mode, load_model(ckpt, iqa=iqa), faces, distractors, seed, Path(out), record)
+    if exported:
+        for row, precision in exported_rows(Path(exported)):
+            model = ExportedModel(Path(exported), precision)
+            record = {"mode": row, "precision": precision, "seed": seed,
+                      "checkpoint_sha256": model.models.manifest.checkpoint_sha256}
+            evaluate_and_save(row, model, faces, distractors, seed, Path(out), record)
+    # Rows evaluated by earlier invocations join the table too.
     merged = {}
-    for mode in MODES:
-        path = Path(out) / f"lowres_{mode}.json"
+    for row in MODES + EXPORTED_ROWS:
+        path = Path(out) / f"lowres_{row}.json"
         if path.is_file():
-            merged[mode] = json.loads(path.read_text())["result"]
+            merged[row] = json.loads(path.read_text())["result"]
     print(table(merged))
 
 
