@@ -6,6 +6,7 @@ frames written so far are always a playable file and a half-written one never ca
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +18,12 @@ from .gallery import UNKNOWN
 
 _PALETTE = [(86, 180, 233), (230, 159, 0), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
             (204, 121, 167), (120, 200, 120), (255, 120, 120), (160, 160, 255)]
+
+
+def for_display(name: str) -> str:
+    """Composed Unicode (NFC): decomposed names (macOS file names) misalign fixed-width tables and
+    draw their accents as separate glyphs."""
+    return unicodedata.normalize("NFC", name)
 
 
 def track_color(track_id: int) -> tuple[int, int, int]:
@@ -36,7 +43,7 @@ def draw_faces(image: np.ndarray, faces: Sequence, frame_index: int | None = Non
         color = track_color(face.track_id) if known else (160, 160, 160)
         cv2.rectangle(out, (x, y), (x + w, y + h), color, thickness, cv2.LINE_AA)
         score = "" if face.score != face.score else f" {face.score:.2f}"  # NaN: not recognised yet
-        label = f"#{face.track_id} {face.identity}{score} q{face.quality:.2f}"
+        label = f"#{face.track_id} {for_display(face.identity)}{score} q{face.quality:.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         ty = y - 4 if y - th - base - 4 >= 0 else min(height - base - 1, y + h + th + 4)
         tx = max(0, min(x, width - tw - 2))

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-import unicodedata
 from pathlib import Path
 
 import click
 
+from .annotate import for_display
 from .errors import PetalError, exit_on_user_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -67,11 +67,6 @@ class _Progress:
         if self.enabled:
             self.update(self.count, tracks, force=True)
             click.echo("", err=True)
-
-
-def for_display(name: str) -> str:
-    """Composed Unicode (NFC): decomposed names (macOS file names) misalign fixed-width tables."""
-    return unicodedata.normalize("NFC", name)
 
 
 def _track_table(tracks: list[dict]) -> str:

@@ -122,7 +122,7 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
               "--json", str(out / "result.json"), "--annotate", str(out / "annotated.mp4"), "--no-progress")
     _done(started)
 
-    from petal_runtime.cli import for_display
+    from petal_runtime.annotate import for_display
 
     result = json.loads((out / "result.json").read_text())
     truth = json.loads(clip.path.with_suffix(".truth.json").read_text())
