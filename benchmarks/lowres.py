@@ -156,6 +156,10 @@ def main(modes: str, epochs: int, batch: int, lr: float, seed: int, iqa: str | N
         path = Path(out) / f"lowres_{row}.json"
         if path.is_file():
             merged[row] = json.loads(path.read_text())["result"]
+    if merged:  # every row's CMC at each probe size in one picture per size
+        for name in [f"{px}px" for px in PROBE_PX]:
+            plot_cmc({row: r["conditions"][name]["cmc"] for row, r in merged.items()}, Path(out) / f"cmc_all_{name}.png",
+                     f"CMC at {name[:-2]} px probes: every row (lfw10+orl40)")
     print(table(merged))
 
 
