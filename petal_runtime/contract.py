@@ -121,15 +121,10 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
-        from .errors import PetalError
+        from .files import read_json
 
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PetalError(f"no {MANIFEST_FILE} at {path}: point --models at a petal-export output folder") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PetalError(f"{path} is not a valid manifest ({exc})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, f"no {MANIFEST_FILE} at {path}: point --models at a petal-export output folder",
+                                       f"{path} is not a valid manifest ({{error}})"))

@@ -3,10 +3,24 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from .errors import PetalError
+
+
+def read_json(path: str | Path, missing: str, invalid: str) -> Any:
+    """The JSON in `path`; a missing file raises PetalError(missing), an undecodable one
+    PetalError(invalid) with `{error}` in it replaced by the decoder's message."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PetalError(missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PetalError(invalid.replace("{error}", str(exc))) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

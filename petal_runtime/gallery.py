@@ -19,7 +19,7 @@ import numpy as np
 from .align import align_face
 from .contract import FACE_SIZE, to_model_input
 from .errors import PetalError
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, read_json
 
 NAME_LENGTH = 128
 GALLERY_FORMAT = 1
@@ -100,13 +100,9 @@ class Gallery:
         if len(emb_shape) != 1:
             raise PetalError(f"{path}: embedding field has shape {emb_shape}, expected one dimension")
         mpath = meta_path(path)
-        try:
-            meta = json.loads(mpath.read_text())
-        except FileNotFoundError:
-            raise PetalError(f"{mpath} is missing: without it the models {path.name} was built with are unknown; "
-                             "rebuild the gallery with petal-gallery build") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PetalError(f"{mpath} is not valid JSON; rebuild the gallery with petal-gallery build") from None
+        meta = read_json(mpath, f"{mpath} is missing: without it the models {path.name} was built with are unknown; "
+                                "rebuild the gallery with petal-gallery build",
+                         f"{mpath} is not valid JSON; rebuild the gallery with petal-gallery build")
         gallery = cls(entries.astype(gallery_dtype(emb_shape[0])), meta, path)
         if fingerprint is not None:
             gallery.check(fingerprint)

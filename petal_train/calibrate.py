@@ -18,7 +18,7 @@ import numpy as np
 
 from petal_runtime.contract import to_model_input
 from petal_runtime.errors import PetalError
-from petal_runtime.files import atomic_write_text
+from petal_runtime.files import atomic_write_text, read_json
 
 from .degrade import degrade as degrade_face
 
@@ -75,12 +75,8 @@ class Calibration:
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PetalError(f"no calibration file at {path}; make one with `petal-train calibrate`") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PetalError(f"{path} is not a calibration file ({exc})") from None
+        data = read_json(path, f"no calibration file at {path}; make one with `petal-train calibrate`",
+                         f"{path} is not a calibration file ({{error}})")
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING}
         if not isinstance(data, dict) or not required <= set(data):

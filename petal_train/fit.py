@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError, exit_on_user_error
-from petal_runtime.files import atomic_write_text, sha256_file
+from petal_runtime.files import atomic_write_text, read_json, sha256_file
 
 from . import distributed as D
 from .checkpoint import AdapterCheckpoint, load_checkpoint
@@ -235,12 +235,7 @@ def base_weights_sha256(backbone: str, weights: str | None) -> str:
 
 def read_calibration(path: str | Path) -> dict:
     """The threshold of a calibration file as `petal-train calibrate` writes it (`threshold`), or `t`."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PetalError(f"calibration file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PetalError(f"{path} is not a JSON calibration file") from None
+    data = read_json(path, f"calibration file {path} does not exist", f"{path} is not a JSON calibration file")
     for key in ("threshold", "t"):
         if isinstance(data, dict) and isinstance(data.get(key), (int, float)) and not isinstance(data[key], bool):
             return {**data, "t": float(data[key]), "file": str(path)}
