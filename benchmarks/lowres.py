@@ -87,11 +87,7 @@ class ExportedModel:
     def embed(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
         from petal_runtime.contract import to_model_input
 
-        out = []
-        for start in range(0, len(images), batch):
-            x = to_model_input(images[start:start + batch])
-            out.append(self.models.embed(x, self.models.alpha(self.models.quality(x))))
-        return np.concatenate(out)
+        return self.models.embed_gated(to_model_input(images))  # Models batches by its own max_batch
 
 
 def exported_rows(folder: Path) -> list[tuple[str, str]]:

@@ -267,10 +267,8 @@ def embed_images(models, paths: Sequence[Path], aligner: ImageFaceAligner | None
         faces.append(face)
     if not faces:
         return np.zeros((0, models.embedding_size), np.float32)
-    batch = to_model_input(np.stack(faces))
-    quality = models.quality(batch)
     report.used += len(faces)
-    return models.embed(batch, models.alpha(quality))
+    return models.embed_gated(to_model_input(np.stack(faces)))
 
 
 def build_gallery(models, root: str | Path, progress=None) -> tuple[Gallery, EmbedReport]:

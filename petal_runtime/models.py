@@ -170,6 +170,11 @@ class Models:
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         return embeddings / np.maximum(norms, 1e-12)
 
+    def embed_gated(self, faces: np.ndarray) -> np.ndarray:
+        """Recognizer on faces with the alpha their own IQA scores set (the gallery's and an
+        evaluation's path; the pipeline scores every crop but embeds only the selected ones)."""
+        return self.embed(faces, self.alpha(self.quality(faces)))
+
     def close(self) -> None:
         for runner in (getattr(self, "recognizer", None), getattr(self, "iqa", None)):
             if runner is not None:
