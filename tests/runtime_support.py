@@ -1,9 +1,8 @@
 """Helpers for the runtime tests: an exported models folder, synthetic clips, galleries.
 
-The models folder comes from `petal_export.export_models` once the exporter provides it; until then
-from a small torch.onnx export of the untrained PETAL SFace recognizer (adapters at zero, so it
-equals SFace) and the CNNIQA scorer, with a Manifest. Exports are cached on disk under
-.pytest_cache, keyed by the sources they depend on, and in memory for the session.
+The models folder is `petal_export.export_models` of the shipped default checkpoint (trained
+adapters and the shipped IQA), cached on disk under .pytest_cache, keyed by the sources and weights
+it depends on, and in memory for the session.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,60 +33,10 @@ def _key(sources: tuple[str, ...], *extra: str) -> str:
         digest.update(path.read_bytes() if path.is_file() else b"-")
     if sources is MODEL_SOURCES:
         for weights in (IQA_WEIGHTS, DEFAULT_CHECKPOINT):
-            if weights.is_file():
-                digest.update(weights.read_bytes())
+            digest.update(weights.read_bytes())
     for e in extra:
         digest.update(e.encode())
     return digest.hexdigest()[:16]
-
-
-def _exporter():
-    try:
-        from petal_export import export_models  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        return None
-    return export_models
-
-
-def _torch_export(out: Path) -> None:
-    """Stand-in for petal-export: the two graphs with the contract's names and a manifest."""
-    import onnx
-    import torch
-
-    from petal_runtime.contract import Manifest
-    from petal_runtime.files import sha256_file
-    from petal_train.iqa import CNNIQA, QualityScorer, load_iqa
-    from petal_train.model import build_recognizer
-
-    torch.manual_seed(0)
-    built = build_recognizer("sface")
-    recognizer = built.recognizer.eval()
-    if IQA_WEIGHTS.is_file():
-        net, _ = load_iqa(IQA_WEIGHTS)
-    else:
-        net = CNNIQA().eval()
-    scorer = QualityScorer(net).eval()
-    image = torch.rand(2, 3, 112, 112) * 255
-    alpha = torch.full((2, 1), 0.5)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(recognizer, (image, alpha), str(out / "recognizer.onnx"), input_names=["image", "alpha"],
-                          output_names=["embedding"], opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "N"}, "alpha": {0: "N"}, "embedding": {0: "N"}})
-        torch.onnx.export(scorer, (image,), str(out / "iqa.onnx"), input_names=["image"], output_names=["quality"],
-                          opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "N", 2: "H", 3: "W"}, "quality": {0: "N"}})
-        # The gate threshold: the median quality of random-ish faces keeps alpha away from its clips.
-        threshold = float(scorer(torch.rand(16, 3, 112, 112) * 255).median())
-    manifest = Manifest(backbone="sface", embedding_size=built.spec.embedding_size, norm_mean=built.spec.norm_mean,
-                        norm_std=built.spec.norm_std, iqa_threshold=threshold)
-    for name in ("recognizer.onnx", "iqa.onnx"):
-        model = onnx.load(str(out / name))
-        for key, value in manifest.to_metadata().items():
-            model.metadata_props.add(key=key, value=value)
-        onnx.save(model, str(out / name))
-        manifest.files[name] = sha256_file(out / name)
-    (out / "manifest.json").write_text(manifest.to_json())
 
 
 def _atomic_dir(target: Path, build) -> Path:
@@ -110,18 +58,11 @@ def _atomic_dir(target: Path, build) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def exported_models() -> Path:
-    """A petal-export output folder: the exporter's own export of the default checkpoint where it can
-    make one here, else the torch.onnx stand-in (same contract, untrained adapters)."""
-    exporter = _exporter()
-    if exporter is not None:
-        from petal_runtime.errors import PetalError
+    """A petal-export output folder: the exporter's own export of the shipped default checkpoint."""
+    from petal_export import export_models
 
-        sources = MODEL_SOURCES + tuple(str(p.relative_to(REPO)) for p in sorted((REPO / "petal_export").glob("*.py")))
-        try:
-            return _atomic_dir(CACHE / f"models-export-{_key(sources)}", lambda out: exporter("default", out, log=None))
-        except PetalError:
-            pass  # no default checkpoint or IQA weights yet
-    return _atomic_dir(CACHE / f"models-{_key(MODEL_SOURCES, _torch_export.__code__.co_code.hex())}", _torch_export)
+    sources = MODEL_SOURCES + tuple(str(p.relative_to(REPO)) for p in sorted((REPO / "petal_export").glob("*.py")))
+    return _atomic_dir(CACHE / f"models-export-{_key(sources)}", lambda out: export_models("default", out, log=None))
 
 
 def lfw_gallery_folder(skip_first: int = 1, per_identity: int = 4) -> Path:
