@@ -123,6 +123,7 @@ class ExportResult:
     comparisons: dict[str, object] = field(default_factory=dict)  # "<graph> <format>" -> verify.Comparison
     notes: list[str] = field(default_factory=list)
     engines: dict[str, dict] = field(default_factory=dict)  # file name -> header fields
+    rebuild_command: str = ""  # written into each engine's header: what rebuilds it on another machine
 
 
 class _Stager:
@@ -171,7 +172,7 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
     from petal_train.model import build_recognizer
     from petal_train.registry import get_spec
 
-    from .faces import CALIBRATION_DIR, default_face_folder, load_face_folder, portrait_faces, resize_faces
+    from .faces import default_face_folder, load_face_folder, portrait_faces, resize_faces
     from .int8 import DEFAULT_CALIBRATION_IMAGES
     from .trt import engines_unavailable
 
@@ -212,8 +213,6 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
                 calib_faces = portrait_faces(DEFAULT_CALIBRATION_IMAGES, size)
             else:
                 calib_faces = load_face_folder(calib_dir, DEFAULT_CALIBRATION_IMAGES, size, "calibration")
-        # TensorRT's calibration caches live in calibration/ (beside the thresholds), else with the images.
-        cache_dir = CALIBRATION_DIR if CALIBRATION_DIR.is_dir() or calib_dir is None else calib_dir
         if faces is None:
             folder = face_dir if face_dir is not None else default_face_folder(calib)
             if folder is None:
@@ -237,6 +236,10 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
                             checkpoint_sha256=sha256_file(ckpt_path), iqa_sha256=iqa_sha,
                             library_versions=library_versions())
         result = ExportResult(manifest, out)
+        result.rebuild_command = " ".join(
+            ["petal-export", str(checkpoint), *(["--fp16"] if fp16 else []), *(["--int8"] if int8 else []),
+             *([f"--calib {calib}"] if calib is not None else []), f"--batch {':'.join(map(str, batch))}",
+             f"--out {out}"])
         log(f"exporting {ckpt_path.name} ({ckpt.backbone}, rank {ckpt.lora.rank}, {len(built.report.adapted_layers)} "
             f"adapted layers) to {out}: {', '.join(f.name for f in formats)}")
         try:
@@ -244,7 +247,7 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
                 stager = _Stager(stack, out, log)
                 manifest_tmp = stager.path(MANIFEST_FILE)  # entered first, so renamed last
                 _export_all(result, stager, formats, engine_reason, recognizer, scorer, faces, calib_faces,
-                            calib_dir, cache_dir, batch, log)
+                            calib_dir, batch, log)
                 manifest.files = {name: sha256_file(p) for name, p in sorted(stager.files.items())
                                   if name != MANIFEST_FILE}
                 manifest_tmp.write_text(manifest.to_json())
@@ -262,7 +265,7 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
 
 def _export_all(result: ExportResult, stager: _Stager, formats: list[ExportFormat], engine_reason: str | None,
                 recognizer, scorer, faces: np.ndarray, calib_faces: np.ndarray | None, calib_dir: Path | None,
-                cache_dir: Path, batch: tuple[int, int, int], log: Log) -> None:
+                batch: tuple[int, int, int], log: Log) -> None:
     from petal_runtime.backends.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     from . import fp16 as fp16_pass
@@ -353,42 +356,65 @@ def _export_all(result: ExportResult, stager: _Stager, formats: list[ExportForma
                 model = onnx.load(str(quantized))
             log(f"  {graph} INT8: calibrated and quantised in {time.perf_counter() - start:.1f} s")
             verify(graph, finish(graph, model, fmt), fmt)
+    if "onnx-int8-qdq" in names:
+        fmt = FORMATS["onnx-int8-qdq"]
+        for graph in GRAPHS:
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="petal-qdq-") as work:
+                quantized = Path(work) / "model.onnx"
+                int8_pass.quantize_int8_qdq(fp32_paths[graph], quantized, calib_feeds[graph])
+                model = onnx.load(str(quantized))
+            problems = int8_pass.qdq_violations(model)
+            if problems:
+                raise PetalError(f"the {graph} Q/DQ graph is not what TensorRT accepts: {problems[0]}")
+            log(f"  {graph} INT8 Q/DQ for TensorRT: calibrated and quantised in {time.perf_counter() - start:.1f} s")
+            verify(graph, finish(graph, model, fmt), fmt)
 
     engine_formats = [f for f in formats if f.is_engine]
     if engine_formats and engine_reason:
-        result.notes.append(f"{', '.join(f.name for f in engine_formats)} not built: TensorRT engines need TensorRT 10 "
-                            f"and a CUDA GPU, and here {engine_reason}. The ONNX files are complete and verified; "
+        result.notes.append(f"{', '.join(f.name for f in engine_formats)} not built: TensorRT engines need TensorRT "
+                            f"10.x or 11.x and a CUDA GPU, and here {engine_reason}. The ONNX files are complete and verified; "
                             "run the same petal-export command on the target GPU machine to build the engines")
     elif engine_formats:
-        _build_engines(result, stager, engine_formats, fp32_paths, {g: comparator(g) for g in GRAPHS}, calib_feeds,
-                       cache_dir, batch, log)
+        sources = {fmt.name: {graph: stager.files[fmt.filename(graph)] for graph in GRAPHS}
+                   for fmt in formats if not fmt.is_engine}
+        _build_engines(result, stager, engine_formats, sources, {g: comparator(g) for g in GRAPHS}, batch, log)
 
 
 def _build_engines(result: ExportResult, stager: _Stager, engine_formats: list[ExportFormat],
-                   fp32_paths: dict[str, Path], comparators: dict, calib_feeds: dict, cache_dir: Path,
-                   batch: tuple[int, int, int], log: Log) -> None:
-    from petal_runtime.backends.trt import EngineFromFile, TrtRunner, get_memory
+                   sources: dict[str, dict[str, Path]], comparators: dict, batch: tuple[int, int, int],
+                   log: Log) -> None:
+    """Build each engine from the ONNX file petal_export.trt.build_plan names for the TensorRT here
+    (`sources`: format name -> graph -> the staged, verified file), run it through the runtime's
+    TrtRunner and compare it with PyTorch like the ONNX files."""
+    from petal_runtime.backends.trt import EngineFromFile, TrtRunner, get_memory, import_tensorrt
 
     from .fp16 import fp32_island_nodes
-    from .trt import EngineRequest, build_engine, calibration_cache_path, iqa_profile, recognizer_profile
+    from .trt import EngineRequest, build_engine, build_plan, iqa_profile, recognizer_profile
     from .verify import check_iqa, check_recognizer
 
     manifest = result.manifest
+    version = str(import_tensorrt().__version__)
     memory = get_memory()
     try:
         for fmt in engine_formats:
+            plan = build_plan(fmt.precision, version)
+            if plan.source_format not in sources:
+                raise PetalError(f"{fmt.name} on TensorRT {version} is built from {plan.source_format}, "
+                                 "which this export did not write")
             for graph in GRAPHS:
-                onnx_path = fp32_paths[graph]
-                digest = sha256_file(onnx_path)
+                onnx_path = sources[plan.source_format][graph]
                 profile = (recognizer_profile(batch, manifest.face_size) if graph == "recognizer"
                            else iqa_profile(batch, manifest.face_size))
+                fp32_layers = (frozenset(fp32_island_nodes(onnx.load(str(onnx_path), load_external_data=False)))
+                               if plan.typing == "weak" else frozenset())
                 request = EngineRequest(
-                    graph, onnx_path, digest, fmt.precision, profile,
-                    fp32_layers=frozenset(fp32_island_nodes(onnx.load(str(onnx_path), load_external_data=False))),
-                    calibration=calib_feeds.get(graph) if fmt.precision == "int8" else None,
-                    calibration_cache=calibration_cache_path(cache_dir, graph, digest),
+                    graph, onnx_path, sha256_file(onnx_path), fmt.precision, profile, fp32_layers=fp32_layers,
                     extra={"contract_version": manifest.contract_version,
-                           "checkpoint_sha256": manifest.checkpoint_sha256})
+                           "checkpoint_sha256": manifest.checkpoint_sha256,
+                           "source_format": plan.source_format,
+                           "onnx_file": FORMATS[plan.source_format].filename(graph),  # not the staged name
+                           **({"rebuild": result.rebuild_command} if result.rebuild_command else {})})
                 name = fmt.filename(graph)
 
                 def write_engine(tmp: Path, request=request, name=name) -> None:
@@ -401,7 +427,7 @@ def _build_engines(result: ExportResult, stager: _Stager, engine_formats: list[E
                     log("  " + line)
                 (check_recognizer if graph == "recognizer" else check_iqa)(comparators[graph], comparison)
                 result.comparisons[f"{graph} {fmt.name}"] = comparison
-        manifest.library_versions["tensorrt"] = next(iter(result.engines.values()))["tensorrt_version"]
+        manifest.library_versions["tensorrt"] = version
     finally:
         memory.close()
 

@@ -1,7 +1,10 @@
 """THE table of export formats: file suffix, whether a GPU is needed, which options each accepts.
 
 Every export writes the FP32 ONNX graphs (`onnx`); `--fp16` adds `onnx-fp16` and `trt-fp16`,
-`--int8` adds `onnx-int8` and `trt-int8`. A format-specific option that no selected format
+`--int8` adds `onnx-int8` (for ONNX Runtime on the CPU), `onnx-int8-qdq` (TensorRT's explicit
+quantization input) and `trt-int8`. TensorRT engines are built from the exporter's own graphs:
+trt-fp16 from onnx-fp16 (strongly typed; FP32 `onnx` with the FP16 flag on TensorRT < 10.12),
+trt-int8 from onnx-int8-qdq (strongly typed), as petal_export.trt.build_plan says. A format-specific option that no selected format
 accepts is an error (`--calib` without `--int8`, `--batch` without an engine format), never
 silently ignored. File names are `<graph><suffix>`: recognizer.onnx, recognizer.fp16.onnx,
 recognizer.int8.engine, ... (engine names follow petal_runtime.backends.trt.loader, which finds
@@ -49,11 +52,13 @@ _TABLE = (
     ExportFormat("onnx-fp16", ".fp16.onnx", "fp16", False, frozenset(),
                  "FP16 ONNX graphs; LayerNorm, softmax and the final normalisation stay FP32"),
     ExportFormat("onnx-int8", ".int8.onnx", "int8", False, frozenset({"calib"}),
-                 "ONNX Runtime static INT8 (QDQ), calibrated on real aligned faces"),
+                 "INT8 QDQ for ONNX Runtime on the CPU (asymmetric activations: more accurate there)"),
+    ExportFormat("onnx-int8-qdq", ".qdq.onnx", "int8", False, frozenset({"calib"}),
+                 "INT8 Q/DQ for TensorRT (symmetric, per-channel weights): the trt-int8 source"),
     ExportFormat("trt-fp16", ".fp16" + ENGINE_SUFFIX, "fp16", True, frozenset({"batch", "require_engine"}),
-                 "TensorRT 10 FP16 engines with a PETAL header (TensorRT version, GPU, compute capability)"),
+                 "TensorRT 10/11 FP16 engines, strongly typed from onnx-fp16; PETAL header"),
     ExportFormat("trt-int8", ".int8" + ENGINE_SUFFIX, "int8", True, frozenset({"batch", "calib", "require_engine"}),
-                 "TensorRT 10 INT8 engines, entropy-calibrated on real aligned faces"),
+                 "TensorRT 10/11 INT8 engines, strongly typed from onnx-int8-qdq; PETAL header"),
 )
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in _TABLE}
 
@@ -66,7 +71,7 @@ def selected_formats(fp16: bool = False, int8: bool = False) -> list[ExportForma
     if fp16:
         names.append("onnx-fp16")
     if int8:
-        names.append("onnx-int8")
+        names += ["onnx-int8", "onnx-int8-qdq"]
     if fp16:
         names.append("trt-fp16")
     if int8:

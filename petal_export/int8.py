@@ -1,4 +1,13 @@
-"""ONNX Runtime static INT8 quantisation (QDQ) calibrated on real aligned faces.
+"""Static INT8 quantisation (QDQ) calibrated on real aligned faces, in two flavours.
+
+- `quantize_int8` (format onnx-int8, `<graph>.int8.onnx`): for ONNX Runtime on the CPU: asymmetric
+  per-tensor activations, per-channel symmetric weights.
+- `quantize_int8_qdq` (format onnx-int8-qdq, `<graph>.qdq.onnx`): the explicit-quantization graph
+  TensorRT builds its INT8 engines from (strongly typed, TensorRT 10 and 11): symmetric activations
+  (zero point 0, what TensorRT's Q/DQ layers require), per-channel symmetric weights kept in float
+  behind their own Q/DQ pair, float biases, and a dedicated Q/DQ pair per consumer so that TensorRT
+  can fuse each into its convolution. ONNX Runtime runs it on the CPU too, which is how it is
+  verified on a machine without a GPU.
 
 Calibration set: the real faces from the calibration folder plus one seeded degraded copy of each
 (the runtime sees low-quality crops, so activation ranges must cover them), with alphas spread
@@ -52,11 +61,16 @@ def _reader(feeds: list[dict[str, np.ndarray]]):
     return FaceCalibrationReader()
 
 
-def quantize_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]) -> None:
-    """Quantise the FP32 graph at `src` into `dst` (QDQ, static, calibrated on `feeds`).
+# ONNX Runtime CPU: asymmetric activations use the whole INT8 range (measured better on the CPU).
+CPU_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
+# TensorRT explicit quantization: symmetric scales only (zero point 0), weights per output channel and
+# kept in float behind a Q/DQ pair (accepted by every TensorRT 10.x and 11.x parser), biases in float
+# (TensorRT folds them into the fused INT8 kernel), one Q/DQ pair per consumer (fusion needs DQ -> op).
+TENSORRT_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
+                    "QuantizeBias": False, "DedicatedQDQPair": True}
 
-    ONNX Runtime keeps its augmented calibration model in its own temporary folder.
-    """
+
+def _quantize(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], options: dict) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if not feeds:
@@ -64,8 +78,41 @@ def quantize_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.nda
     quantize_static(str(src), str(dst), _reader(feeds), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                     calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(OP_TYPES),
-                    calibration_providers=["CPUExecutionProvider"],
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                    calibration_providers=["CPUExecutionProvider"], extra_options=dict(options))
 
 
-__all__ = ["CALIBRATION_BATCH", "DEFAULT_CALIBRATION_IMAGES", "OP_TYPES", "calibration_feeds", "quantize_int8"]
+def quantize_int8(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Quantise the FP32 graph at `src` into `dst` for ONNX Runtime's CPU (QDQ, calibrated on `feeds`).
+
+    ONNX Runtime keeps its augmented calibration model in its own temporary folder.
+    """
+    _quantize(src, dst, feeds, CPU_OPTIONS)
+
+
+def quantize_int8_qdq(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Quantise the FP32 graph at `src` into `dst` as TensorRT's explicit-quantization input (see above)."""
+    _quantize(src, dst, feeds, TENSORRT_OPTIONS)
+
+
+def qdq_violations(model) -> list[str]:
+    """What in an ONNX graph TensorRT's explicit quantization would refuse: a QuantizeLinear or
+    DequantizeLinear whose zero point is not all zeros or whose quantized type is not INT8."""
+    from onnx import TensorProto, numpy_helper
+
+    constants = {t.name: t for t in model.graph.initializer}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 or not node.input[2]:
+            continue
+        zero_point = constants.get(node.input[2])
+        if zero_point is None:
+            problems.append(f"{node.name}: zero point is not a constant")
+        elif zero_point.data_type != TensorProto.INT8:
+            problems.append(f"{node.name}: quantized type {TensorProto.DataType.Name(zero_point.data_type)}, not INT8")
+        elif np.any(numpy_helper.to_array(zero_point) != 0):
+            problems.append(f"{node.name}: zero point is not 0 (asymmetric)")
+    return problems
+
+
+__all__ = ["CALIBRATION_BATCH", "CPU_OPTIONS", "DEFAULT_CALIBRATION_IMAGES", "OP_TYPES", "TENSORRT_OPTIONS",
+           "calibration_feeds", "qdq_violations", "quantize_int8", "quantize_int8_qdq"]

@@ -1,22 +1,33 @@
-"""TensorRT 10 engines from the exported FP32 ONNX graphs (import-guarded: nothing here needs TensorRT
-until an engine is built).
+"""TensorRT engines for TensorRT 10.x and 11.x (import-guarded: nothing here needs TensorRT until an
+engine is built).
 
-Per engine: the real ONNX parser builds the network; the builder config gets the FP16 flag (and
-INT8 for trt-int8), OBEY_PRECISION_CONSTRAINTS with the FP32 islands (normalisation layers,
-softmax, and the final L2 normalisation, as in petal_export.fp16) pinned to FP32, a workspace
-limit, one optimisation profile with a (min, opt, max) shape for every named input (`image` and,
-for the recognizer, `alpha`), and a timing cache that is read before and saved after each build
-(kept per GPU and TensorRT version under ~/.cache/petal/trt). INT8 engines are calibrated by an
-IInt8EntropyCalibrator2 on real aligned faces, through a calibration profile whose shapes equal the
-calibration batch, with the calibration cache kept in the calibration folder.
+One builder, two typing modes, chosen by the installed TensorRT's version (`build_plan`):
 
-The serialised engine is written behind the PETAL engine header (petal_runtime.backends.trt.loader:
-TensorRT version, GPU name, compute capability, plus precision, graph, profile and the ONNX file's
-sha256), so the runtime refuses an engine built elsewhere with a clear message. Device memory for
-calibration and verification goes through the runtime's DeviceMemory (pycuda or cuda-python).
+- **Strongly typed** (`NetworkDefinitionCreationFlag.STRONGLY_TYPED`; TensorRT >= 10.12, and every
+  INT8 engine): every tensor keeps the type the ONNX graph gives it, so the precision lives in the
+  graph, not in builder flags. FP16 engines are parsed from the exporter's own `<graph>.fp16.onnx`
+  (whose FP32 islands - normalisation, softmax, the final L2 normalisation - stay FP32 because the
+  graph says so); INT8 engines from `<graph>.qdq.onnx`, an explicit-quantization graph (symmetric
+  Q/DQ, per-channel weights, calibrated on real faces by petal_export.int8). TensorRT 11 removed
+  every weak-typing API (BuilderFlag.FP16/INT8/OBEY_PRECISION_CONSTRAINTS, int8_calibrator,
+  IInt8EntropyCalibrator2, ILayer.set_output_type); strong typing is always on there and the flag is
+  accepted and ignored, so passing it is right on both.
+- **Weakly typed** (TensorRT 10.0-10.11 FP16 only, e.g. older JetPack images): the FP32 graph with
+  `BuilderFlag.FP16`, the FP32 islands pinned by layer precision and output type, and
+  `OBEY_PRECISION_CONSTRAINTS`, as before. Weak typing was deprecated in 10.12.
 
-Nothing here has run on a GPU in this repository's CI: tests drive the control flow through a fake
-`tensorrt` module.
+No implicit (calibrator) INT8 any more: TensorRT 11 has no calibrator API, and one INT8 path for
+both versions is one thing to verify.
+
+Every engine gets one optimisation profile with a (min, opt, max) shape per named input (`image`,
+and `alpha` for the recognizer), a workspace limit, and a timing cache read before and saved after
+each build (per GPU and TensorRT version under ~/.cache/petal/trt). The serialised engine is written
+behind the PETAL engine header (petal_runtime.backends.trt.loader: TensorRT version, GPU name,
+compute capability, plus precision, typing, graph, profile, the source ONNX file's sha256 and the
+command that rebuilds it), so the runtime refuses an engine from another TensorRT or GPU in one line.
+
+Nothing here has run on a GPU in this repository: tests drive it through fake `tensorrt` modules whose
+API surface follows the real 10.x and 11.x bindings (tests/trt_fakes.py, tests/test_trt_api_surface.py).
 """
 from __future__ import annotations
 
@@ -26,30 +37,74 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from petal_runtime.contract import ALPHA_INPUT, IMAGE_INPUT
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_write_bytes
 
 WORKSPACE_BYTES = 1 << 30
 DEFAULT_BATCH = (1, 8, 32)
-CALIBRATION_BATCH = 8
+SUPPORTED_MAJORS = (10, 11)  # the `trt` extra pins tensorrt>=10,<12
+STRONG_TYPING_FROM = (10, 12)  # weak typing deprecated in 10.12, removed in 11.0
+STRONG, WEAK = "strong", "weak"
 
 Shape = tuple[int, ...]
 ProfileShapes = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
+def parse_version(text: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", str(text))
+    if not found:
+        raise PetalError(f"cannot read TensorRT's version {text!r}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def version_problem(text: str) -> str | None:
+    """None for a TensorRT this builder supports (10.x, 11.x); else why not."""
+    major, minor = parse_version(text)
+    if major not in SUPPORTED_MAJORS:
+        return (f"TensorRT {text} is outside the supported range 10.x-11.x "
+                f"(pip install 'tensorrt>={SUPPORTED_MAJORS[0]},<{SUPPORTED_MAJORS[-1] + 1}')")
+    return None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How an engine of `precision` is built on TensorRT `version`: typing mode and source graph format."""
+
+    precision: str
+    typing: str  # STRONG or WEAK
+    source_format: str  # the petal_export.formats name of the ONNX file the engine is parsed from
+
+
+def build_plan(precision: str, version: str) -> BuildPlan:
+    problem = version_problem(version)
+    if problem:
+        raise PetalError(problem)
+    if precision == "int8":
+        return BuildPlan("int8", STRONG, "onnx-int8-qdq")
+    if precision != "fp16":
+        raise PetalError(f"engines are fp16 or int8, not {precision!r}")
+    if parse_version(version) >= STRONG_TYPING_FROM:
+        return BuildPlan("fp16", STRONG, "onnx-fp16")
+    return BuildPlan("fp16", WEAK, "onnx")
+
+
 def engines_unavailable() -> str | None:
-    """None where engines can be built here; else why not (no TensorRT, or no usable CUDA GPU)."""
+    """None where engines can be built here; else why not (no TensorRT, one outside 10-11, no usable GPU)."""
     from petal_runtime.backends.trt import probe_gpu
 
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
-        return "TensorRT is not installed (pip install tensorrt; its libraries come from NVIDIA's package index)"
+        return "TensorRT is not installed (pip install 'tensorrt>=10,<12' on a machine with an NVIDIA GPU)"
     except OSError as exc:
         return f"TensorRT's libraries could not be loaded ({exc})"
+    try:
+        problem = version_problem(getattr(tensorrt, "__version__", "unknown"))
+    except PetalError as exc:
+        problem = str(exc)
+    if problem:
+        return problem
     device, why = probe_gpu()
     return None if device is not None else f"no usable CUDA GPU ({why})"
 
@@ -83,22 +138,15 @@ def timing_cache_path(tensorrt_version: str, device) -> Path:
     return cache_dir().parent / "trt" / f"timing-{gpu}-sm{device.compute_capability}-trt{tensorrt_version}.cache"
 
 
-def calibration_cache_path(folder: Path, graph: str, onnx_sha256: str) -> Path:
-    """Keyed by the graph's sha256, so a changed model never reuses stale scales."""
-    return Path(folder) / f"{graph}-{onnx_sha256[:12]}.trt-int8.cache"
-
-
 @dataclass
 class EngineRequest:
     graph: str  # "recognizer" or "iqa"
-    onnx_path: Path
+    onnx_path: Path  # the graph build_plan names: fp16 / qdq ONNX (strongly typed) or the FP32 one (weak)
     onnx_sha256: str
     precision: str  # "fp16" or "int8"
     profile: ProfileShapes
-    fp32_layers: frozenset[str] = frozenset()  # ONNX node names to keep in FP32
-    calibration: list[dict[str, np.ndarray]] | None = None  # int8: batches of real faces
-    calibration_cache: Path | None = None
-    extra: dict | None = None  # more header fields
+    fp32_layers: frozenset[str] = frozenset()  # weak typing only: ONNX node names to pin to FP32
+    extra: dict | None = None  # more header fields (checkpoint, contract version, rebuild command)
 
 
 def _import():
@@ -107,51 +155,8 @@ def _import():
     return import_tensorrt()
 
 
-def make_entropy_calibrator(trt, batches: list[dict[str, np.ndarray]], cache_path: Path | None, memory):
-    """An IInt8EntropyCalibrator2 feeding `batches` (all of one batch size) through device buffers."""
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self._batches = iter(batches)
-            self._size = len(next(iter(batches[0].values())))
-            self._stream = memory.stream()
-            self._buffers = {name: memory.allocate(array.nbytes) for name, array in batches[0].items()}
-            self.cache_path = cache_path
-            self.batches_fed = 0
-
-        def get_batch_size(self) -> int:
-            return self._size
-
-        def get_batch(self, names, *_) -> list[int] | None:
-            feed = next(self._batches, None)
-            if feed is None:
-                return None
-            for name in names:
-                memory.copy_in(self._buffers[name], np.ascontiguousarray(feed[name], np.float32), self._stream)
-            self._stream.synchronize()
-            self.batches_fed += 1
-            return [int(self._buffers[name].ptr) for name in names]
-
-        def read_calibration_cache(self):
-            if self.cache_path is not None and self.cache_path.is_file():
-                return self.cache_path.read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache) -> None:
-            if self.cache_path is not None:
-                atomic_write_bytes(self.cache_path, bytes(memoryview(cache)))
-
-        def release(self) -> None:
-            for buffer in self._buffers.values():
-                memory.free(buffer)
-            self._buffers = {}
-
-    return EntropyCalibrator()
-
-
 def _pin_fp32(trt, network, names: frozenset[str]) -> int:
-    """Pin normalisation/softmax layers and the given ONNX nodes' layers to FP32; returns how many."""
+    """Weak typing: pin normalisation/softmax layers and the given ONNX nodes' layers to FP32; returns how many."""
     kinds = {getattr(trt.LayerType, k) for k in ("NORMALIZATION", "SOFTMAX") if hasattr(trt.LayerType, k)}
     floats = {trt.float32, trt.float16}
     pinned = 0
@@ -176,73 +181,61 @@ def build_engine(request: EngineRequest, target: Path, memory, log: Callable[[st
     from petal_runtime.backends.trt.loader import EngineHeader
 
     trt = _import()
+    version = str(trt.__version__)
+    plan = build_plan(request.precision, version)
     device = memory.device_info()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.typing == STRONG else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(request.onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise PetalError(f"TensorRT's ONNX parser rejected {request.graph}: {errors[0] if errors else 'no detail'}")
+        raise PetalError(f"TensorRT {version}'s ONNX parser rejected {request.onnx_path.name}: "
+                         f"{errors[0] if errors else 'no detail'}")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    config.set_flag(trt.BuilderFlag.FP16)
-    if request.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    pinned = _pin_fp32(trt, network, request.fp32_layers)
-    if pinned:
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    pinned = 0
+    if plan.typing == WEAK:  # TensorRT < 10.12, FP16 only: the precision comes from flags
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = _pin_fp32(trt, network, request.fp32_layers)
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
 
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in request.profile.items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
 
-    cache_path = timing_cache_path(trt.__version__, device)
+    cache_path = timing_cache_path(version, device)
     timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(timing_cache, False)
 
-    batches = []
-    if request.precision == "int8":
-        batches = [b for b in (request.calibration or []) if len(b[IMAGE_INPUT]) == CALIBRATION_BATCH]
-        if not batches:
-            raise PetalError(f"INT8 calibration needs at least {CALIBRATION_BATCH} calibration faces")
-        # TensorRT calibrates at the calibration profile's opt shapes: make them the batch's shapes.
-        calibration_profile = builder.create_optimization_profile()
-        for name, array in batches[0].items():
-            shape = tuple(array.shape)
-            calibration_profile.set_shape(name, shape, shape, shape)
-        config.set_calibration_profile(calibration_profile)
-
-    with memory.activate():  # device buffers and the build need the GPU's context current
-        calibrator = None
-        if batches:
-            calibrator = make_entropy_calibrator(trt, batches, request.calibration_cache, memory)
-            config.int8_calibrator = calibrator
-        try:
-            serialized = builder.build_serialized_network(network, config)
-        finally:
-            if calibrator is not None:
-                calibrator.release()
+    with memory.activate():  # the build needs the GPU's context current
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise PetalError(f"TensorRT could not build the {request.precision} {request.graph} engine (see its log above)")
+        raise PetalError(f"TensorRT {version} could not build the {request.precision} {request.graph} engine "
+                         "(see its log above)")
     atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
 
-    extra = {"precision": request.precision, "graph": request.graph, "onnx_sha256": request.onnx_sha256,
+    extra = {"precision": request.precision, "typing": plan.typing, "graph": request.graph,
+             "onnx_file": request.onnx_path.name, "onnx_sha256": request.onnx_sha256,
              "profile": {name: [list(s) for s in shapes] for name, shapes in request.profile.items()},
              "fp32_layers": pinned, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
              **(request.extra or {})}
-    header = EngineHeader.for_device(trt.__version__, device, **extra)
+    header = EngineHeader.for_device(version, device, **extra)
     with open(target, "wb") as handle:
         handle.write(header.to_bytes())
         handle.write(memoryview(serialized))
-    log(f"  {request.graph} {request.precision} engine: TensorRT {trt.__version__} on {device.name} "
-        f"(sm {device.compute_capability}), {pinned} layers pinned to FP32, timing cache {cache_path}")
-    return {"tensorrt_version": trt.__version__, "gpu": device.name,
-            "compute_capability": device.compute_capability, **extra}
+    what = (f"strongly typed from {request.onnx_path.name}" if plan.typing == STRONG
+            else f"weakly typed (FP16 flag, {pinned} layers pinned to FP32)")
+    log(f"  {request.graph} {request.precision} engine: TensorRT {version} on {device.name} "
+        f"(sm {device.compute_capability}), {what}, timing cache {cache_path}")
+    return {"tensorrt_version": version, "gpu": device.name, "compute_capability": device.compute_capability,
+            **extra}
 
 
-__all__ = ["CALIBRATION_BATCH", "DEFAULT_BATCH", "EngineRequest", "build_engine", "calibration_cache_path",
-           "check_batch", "engines_unavailable", "iqa_profile", "make_entropy_calibrator", "recognizer_profile",
-           "timing_cache_path"]
+__all__ = ["DEFAULT_BATCH", "STRONG", "STRONG_TYPING_FROM", "SUPPORTED_MAJORS", "WEAK", "BuildPlan", "EngineRequest",
+           "build_engine", "build_plan", "check_batch", "engines_unavailable", "iqa_profile", "parse_version",
+           "recognizer_profile", "timing_cache_path", "version_problem"]

@@ -11,13 +11,14 @@ from petal_runtime.errors import PetalError
 
 
 def test_table_rows():
-    assert set(FORMATS) == {"onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8"}
+    assert set(FORMATS) == {"onnx", "onnx-fp16", "onnx-int8", "onnx-int8-qdq", "trt-fp16", "trt-int8"}
+    assert FORMATS["onnx-int8-qdq"].filename("recognizer") == "recognizer.qdq.onnx"
     assert FORMATS["onnx"].filename("recognizer") == RECOGNIZER_FILE
     assert FORMATS["onnx"].filename("iqa") == IQA_FILE
     assert FORMATS["trt-int8"].filename("recognizer") == "recognizer.int8.engine"
     assert {f.name for f in FORMATS.values() if f.needs_gpu} == {"trt-fp16", "trt-int8"}
     assert {f.name for f in FORMATS.values() if f.is_engine} == {"trt-fp16", "trt-int8"}
-    assert {f.name for f in FORMATS.values() if "calib" in f.options} == {"onnx-int8", "trt-int8"}
+    assert {f.name for f in FORMATS.values() if "calib" in f.options} == {"onnx-int8", "onnx-int8-qdq", "trt-int8"}
     assert FORMATS["onnx"].options == frozenset()
     with pytest.raises(ValueError):
         FORMATS["onnx"].filename("detector")
@@ -33,8 +34,8 @@ def test_engine_names_are_what_the_runtime_looks_for(tmp_path):
 @pytest.mark.parametrize("fp16,int8,names", [
     (False, False, ["onnx"]),
     (True, False, ["onnx", "onnx-fp16", "trt-fp16"]),
-    (False, True, ["onnx", "onnx-int8", "trt-int8"]),
-    (True, True, ["onnx", "onnx-fp16", "onnx-int8", "trt-fp16", "trt-int8"]),
+    (False, True, ["onnx", "onnx-int8", "onnx-int8-qdq", "trt-int8"]),
+    (True, True, ["onnx", "onnx-fp16", "onnx-int8", "onnx-int8-qdq", "trt-fp16", "trt-int8"]),
 ])
 def test_selected_formats(fp16, int8, names):
     assert [f.name for f in selected_formats(fp16, int8)] == names

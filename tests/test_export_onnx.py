@@ -81,7 +81,7 @@ def test_files_and_note(exported):
     out = exported["out"]
     names = {p.name for p in out.iterdir()}
     assert names == {MANIFEST_FILE, "recognizer.onnx", "iqa.onnx", "recognizer.fp16.onnx", "iqa.fp16.onnx",
-                     "recognizer.int8.onnx", "iqa.int8.onnx"}
+                     "recognizer.int8.onnx", "iqa.int8.onnx", "recognizer.qdq.onnx", "iqa.qdq.onnx"}
     assert "trt-fp16, trt-int8 not built" in exported["output"] and "TensorRT is not installed" in exported["output"]
     assert "recognizer onnxruntime:recognizer.onnx vs pytorch" in exported["output"]
 
@@ -104,7 +104,7 @@ def test_manifest(exported):
         assert sha256_file(out / name) == digest
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "onnx-fp16", "onnx-int8"])
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-fp16", "onnx-int8", "onnx-int8-qdq"])
 @pytest.mark.parametrize("graph", ["recognizer", "iqa"])
 def test_graph_interface_and_metadata(exported, fmt, graph):
     model = onnx.load(str(exported["out"] / FORMATS[fmt].filename(graph)))
@@ -199,3 +199,18 @@ def test_int8_cosine(exported, reference, torch_embeddings):
     with torch.no_grad():
         assert np.abs(q8 - scorer(torch.from_numpy(faces)).numpy()).max() <= INT8_MAX_QUALITY_DIFF
     assert "recognizer onnxruntime:recognizer.int8.onnx vs pytorch" in exported["output"]
+
+
+def test_tensorrt_qdq_graph_is_symmetric_and_close(exported, torch_embeddings):
+    """The trt-int8 source: explicit quantization TensorRT accepts (INT8, zero points 0), verified on the CPU."""
+    from petal_export.int8 import qdq_violations
+
+    model = onnx.load(str(exported["out"] / "recognizer.qdq.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 20 and qdq_violations(model) == []
+    assert qdq_violations(onnx.load(str(exported["out"] / "recognizer.int8.onnx")))  # the CPU one is asymmetric
+    session = ort_session(exported["out"] / "recognizer.qdq.onnx")
+    worst = min(float(cosines(session.run(None, {"image": exported["faces"], "alpha": ALPHAS[key]})[0],
+                              torch_embeddings[key]).min()) for key in ("0", "0.5", "1", "ramp"))
+    print(f"Q/DQ (TensorRT) recognizer on ONNX Runtime CPU: worst cosine to FP32 on real faces {worst:.4f}")
+    assert worst >= INT8_MIN_COSINE
+    assert "recognizer onnxruntime:recognizer.qdq.onnx vs pytorch" in exported["output"]

@@ -1,17 +1,18 @@
-"""TensorRT engine building, through a fake `tensorrt` module injected into sys.modules.
+"""TensorRT engine building under a fake `tensorrt` of each flavour (tests/trt_fakes.py: 10.x and 11.x).
 
 TensorRT cannot be installed on these machines and they have no GPU, so this checks the control
-flow only: which flags, which optimisation profile shapes per named input, which layers are pinned
-to FP32, that the timing cache is read and saved, that the INT8 entropy calibrator is fed real
-batches and keeps its cache in the calibration folder, what the engine header records, and what
-happens when TensorRT or the GPU is missing. Nothing here proves an engine builds or runs.
+flow against fakes whose API surface follows the real bindings (tests/test_trt_api_surface.py checks
+that against the real wheels): which typing mode and source graph each version and precision take,
+that no weak-typing API is touched where it does not exist, the optimisation profile per named
+input, the timing cache, the engine header, and the missing-library and version paths. The fake
+parser reads the real ONNX files and the fake engines run them with ONNX Runtime, so the exporter's
+engine step is verified on real numbers, but nothing here proves a real engine builds or runs.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -19,217 +20,16 @@ import onnx
 import pytest
 import torch
 
+import trt_fakes
 from petal_export import trt as petal_trt
-from petal_export.trt import EngineRequest, build_engine, iqa_profile, recognizer_profile, timing_cache_path
+from petal_export.trt import (EngineRequest, build_engine, build_plan, iqa_profile, recognizer_profile,
+                              timing_cache_path)
 from petal_runtime.backends.trt.loader import read_engine_file, read_engine_header
-from petal_runtime.backends.trt.memory import DeviceBuffer, DeviceInfo
+from petal_runtime.backends.trt.memory import DeviceInfo, get_memory
 from petal_runtime.errors import PetalError
 
-PLAN = b"FAKE-SERIALISED-ENGINE"
-
-
-class _Enum:
-    def __init__(self, *names: str) -> None:
-        for name in names:
-            setattr(self, name, f"{type(self).__name__}.{name}")
-
-
-class FakeTensor:
-    def __init__(self, dtype) -> None:
-        self.dtype = dtype
-
-
-class FakeLayer:
-    def __init__(self, name: str, kind, dtypes) -> None:
-        self.name, self.type = name, kind
-        self._outputs = [FakeTensor(d) for d in dtypes]
-        self.precision = None
-        self.output_types: dict[int, object] = {}
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self._outputs)
-
-    def get_output(self, i: int) -> FakeTensor:
-        return self._outputs[i]
-
-    def set_output_type(self, i: int, dtype) -> None:
-        self.output_types[i] = dtype
-
-
-class FakeNetwork:
-    def __init__(self, layers) -> None:
-        self.layers = layers
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def get_layer(self, i: int) -> FakeLayer:
-        return self.layers[i]
-
-
-class FakeProfile:
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple] = {}
-
-    def set_shape(self, name, lo, opt, hi) -> None:
-        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-
-class FakeTimingCache:
-    def __init__(self, blob: bytes) -> None:
-        self.loaded = bytes(blob)
-
-    def serialize(self) -> bytes:
-        return self.loaded + b"+timings"
-
-
-class FakeConfig:
-    def __init__(self) -> None:
-        self.flags: set = set()
-        self.pools: dict = {}
-        self.profiles: list[FakeProfile] = []
-        self.calibration_profile: FakeProfile | None = None
-        self.int8_calibrator = None
-        self.timing_cache: FakeTimingCache | None = None
-
-    def set_memory_pool_limit(self, pool, size) -> None:
-        self.pools[pool] = size
-
-    def set_flag(self, flag) -> None:
-        self.flags.add(flag)
-
-    def add_optimization_profile(self, profile) -> int:
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def set_calibration_profile(self, profile) -> bool:
-        self.calibration_profile = profile
-        return True
-
-    def create_timing_cache(self, blob) -> FakeTimingCache:
-        return FakeTimingCache(blob)
-
-    def set_timing_cache(self, cache, ignore_mismatch) -> bool:
-        assert ignore_mismatch is False
-        self.timing_cache = cache
-        return True
-
-    def get_timing_cache(self) -> FakeTimingCache:
-        return self.timing_cache
-
-
-def fake_tensorrt(layers=None, parse_errors=()) -> types.ModuleType:
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.3.0"
-    trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"
-    trt.BuilderFlag = _Enum("FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS")
-    trt.MemoryPoolType = _Enum("WORKSPACE")
-    trt.LayerType = _Enum("CONVOLUTION", "NORMALIZATION", "SOFTMAX", "ELEMENTWISE", "SHAPE", "REDUCE")
-    trt.built = []  # (network, config, parser) per build
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity) -> None:
-            self.severity = severity
-
-    class IInt8EntropyCalibrator2:
-        def __init__(self) -> None:
-            self.base_initialised = True
-
-    class OnnxParser:
-        def __init__(self, network, logger) -> None:
-            self.network, self.parsed = network, None
-
-        def parse_from_file(self, path) -> bool:
-            self.parsed = path
-            return not parse_errors
-
-        @property
-        def num_errors(self) -> int:
-            return len(parse_errors)
-
-        def get_error(self, i):
-            return parse_errors[i]
-
-    class Builder:
-        def __init__(self, logger) -> None:
-            self.logger = logger
-
-        def create_network(self, flags):
-            assert flags == 0  # TensorRT 10: explicit batch is implied, the flag is deprecated
-            default = [FakeLayer("/conv/Conv", trt.LayerType.CONVOLUTION, [trt.float32]),
-                       FakeLayer("/norm/LayerNormalization", trt.LayerType.NORMALIZATION, [trt.float32]),
-                       FakeLayer("/Div_1", trt.LayerType.ELEMENTWISE, [trt.float32]),
-                       FakeLayer("/Shape", trt.LayerType.SHAPE, [trt.int64])]
-            return FakeNetwork(layers if layers is not None else default)
-
-        def create_builder_config(self) -> FakeConfig:
-            return FakeConfig()
-
-        def create_optimization_profile(self) -> FakeProfile:
-            return FakeProfile()
-
-        def build_serialized_network(self, network, config):
-            trt.built.append((network, config))
-            calibrator = config.int8_calibrator
-            if calibrator is not None:
-                assert isinstance(calibrator, IInt8EntropyCalibrator2) and calibrator.base_initialised
-                if calibrator.read_calibration_cache() is None:
-                    names = list(config.calibration_profile.shapes)
-                    while (pointers := calibrator.get_batch(names)) is not None:
-                        assert len(pointers) == len(names) and all(isinstance(p, int) for p in pointers)
-                    calibrator.write_calibration_cache(b"CALIBRATION-TABLE")
-            return PLAN
-
-    trt.Logger, trt.IInt8EntropyCalibrator2, trt.OnnxParser, trt.Builder = (Logger, IInt8EntropyCalibrator2,
-                                                                            OnnxParser, Builder)
-    return trt
-
-
-class FakeStream:
-    handle = 0
-
-    def synchronize(self) -> None:
-        pass
-
-
-class FakeMemory:
-    """The runtime's DeviceMemory interface, without a GPU: records what is copied where."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.copies: list[tuple[int, tuple]] = []
-        self.allocated: list[DeviceBuffer] = []
-        self.freed = 0
-        self.closed = False
-
-    def device_info(self) -> DeviceInfo:
-        return DeviceInfo("NVIDIA Fake GPU", "8.9")
-
-    def allocate(self, nbytes: int) -> DeviceBuffer:
-        buffer = DeviceBuffer(0x1000 * (len(self.allocated) + 1), nbytes)
-        self.allocated.append(buffer)
-        return buffer
-
-    def free(self, buffer) -> None:
-        self.freed += 1
-
-    def stream(self) -> FakeStream:
-        return FakeStream()
-
-    def copy_in(self, buffer, array, stream) -> None:
-        assert array.nbytes <= buffer.nbytes
-        self.copies.append((buffer.ptr, array.shape))
-
-    def activate(self):
-        return contextlib.nullcontext()
-
-    def close(self) -> None:
-        self.closed = True
+ALL = list(trt_fakes.FLAVOURS.values())  # 10.11 (weak FP16), 10.16, 11.4
+ALL_IDS = ["trt10.11", "trt10.16", "trt11.4"]
 
 
 @pytest.fixture
@@ -239,126 +39,18 @@ def petal_home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def onnx_file(tmp_path):
-    path = tmp_path / "recognizer.onnx"
-    path.write_bytes(b"onnx bytes (the fake parser does not read them)")
-    return path
+def fake(monkeypatch, request):
+    """install(version) -> the fake module; clears the runtime's GPU probe cache afterwards."""
+    from petal_runtime.backends import trt as trt_backend
+
+    def install(version, **kw):
+        return trt_fakes.install(monkeypatch, version, **kw)[0]
+
+    yield install
+    trt_backend._gpu.cache_clear()
 
 
-def _request(onnx_file, precision="fp16", **kw) -> EngineRequest:
-    kw.setdefault("profile", recognizer_profile((1, 8, 32), 112))
-    return EngineRequest("recognizer", onnx_file, "ab" * 32, precision, fp32_layers=frozenset({"/Div_1"}), **kw)
-
-
-def test_fp16_engine(monkeypatch, petal_home, onnx_file, tmp_path):
-    trt = fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    target = tmp_path / "recognizer.fp16.engine"
-    info = build_engine(_request(onnx_file, extra={"checkpoint_sha256": "cd" * 32}), target, FakeMemory(), log=lambda _: None)
-    network, config = trt.built[-1]
-    assert config.flags == {trt.BuilderFlag.FP16, trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
-    assert config.pools == {trt.MemoryPoolType.WORKSPACE: petal_trt.WORKSPACE_BYTES}
-    assert config.int8_calibrator is None
-    # One profile, one (min, opt, max) per named input.
-    assert len(config.profiles) == 1
-    assert config.profiles[0].shapes == {"image": ((1, 3, 112, 112), (8, 3, 112, 112), (32, 3, 112, 112)),
-                                         "alpha": ((1, 1), (8, 1), (32, 1))}
-    # FP32 islands: the normalisation layer by type, the final normalisation by ONNX node name.
-    pinned = {layer.name for layer in network.layers if layer.precision == trt.float32}
-    assert pinned == {"/norm/LayerNormalization", "/Div_1"}
-    assert all(layer.output_types == {0: trt.float32} for layer in network.layers if layer.name in pinned)
-    assert network.layers[3].output_types == {}  # the shape layer keeps its int64 output
-    # The file: PETAL header + TensorRT's bytes.
-    header, plan = read_engine_file(target)
-    assert plan == PLAN
-    assert (header.tensorrt_version, header.gpu, header.compute_capability) == ("10.3.0", "NVIDIA Fake GPU", "8.9")
-    assert header.extra["precision"] == "fp16" and header.extra["graph"] == "recognizer"
-    assert header.extra["profile"]["alpha"] == [[1, 1], [8, 1], [32, 1]]
-    assert header.extra["onnx_sha256"] == "ab" * 32 and header.extra["checkpoint_sha256"] == "cd" * 32
-    assert read_engine_header(target) == header and info["fp32_layers"] == 2
-
-
-def test_timing_cache_saved_and_reused(monkeypatch, petal_home, onnx_file, tmp_path):
-    trt = fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    cache = timing_cache_path("10.3.0", DeviceInfo("NVIDIA Fake GPU", "8.9"))
-    assert cache.parent == petal_home / "trt" and cache.name == "timing-nvidia-fake-gpu-sm8.9-trt10.3.0.cache"
-    build_engine(_request(onnx_file), tmp_path / "a.engine", FakeMemory(), log=lambda _: None)
-    assert trt.built[-1][1].timing_cache.loaded == b""  # first build: a fresh cache
-    assert cache.read_bytes() == b"+timings"
-    build_engine(_request(onnx_file), tmp_path / "b.engine", FakeMemory(), log=lambda _: None)
-    assert trt.built[-1][1].timing_cache.loaded == b"+timings"  # second build starts from the saved one
-    assert cache.read_bytes() == b"+timings+timings"
-
-
-def _calibration(n_batches: int, batch: int = 8, partial: int = 3):
-    from petal_export.int8 import calibration_feeds
-
-    faces = np.random.default_rng(0).uniform(0, 255, (n_batches * batch + partial, 3, 112, 112)).astype(np.float32)
-    return calibration_feeds(faces, with_alpha=True, batch=batch)
-
-
-def test_int8_engine_entropy_calibrator(monkeypatch, petal_home, onnx_file, tmp_path):
-    trt = fake_tensorrt()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    cache = tmp_path / "calibration" / "recognizer-abababababab.trt-int8.cache"
-    memory = FakeMemory()
-    request = _request(onnx_file, "int8", calibration=_calibration(2), calibration_cache=cache)
-    build_engine(request, tmp_path / "recognizer.int8.engine", memory, log=lambda _: None)
-    _, config = trt.built[-1]
-    assert config.flags == {trt.BuilderFlag.FP16, trt.BuilderFlag.INT8, trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
-    # TensorRT calibrates at the calibration profile's opt shape: exactly the calibration batch.
-    assert config.calibration_profile.shapes == {"image": ((8, 3, 112, 112),) * 3, "alpha": ((8, 1),) * 3}
-    assert config.profiles[0].shapes["image"][2] == (32, 3, 112, 112)
-    assert type(config.int8_calibrator).__mro__[1] is trt.IInt8EntropyCalibrator2
-    assert config.int8_calibrator.batches_fed == 2  # the partial batch of 3 is not fed
-    assert [shape for _, shape in memory.copies] == [(8, 3, 112, 112), (8, 1)] * 2
-    assert memory.freed == len(memory.allocated) == 2
-    assert cache.read_bytes() == b"CALIBRATION-TABLE"
-    assert read_engine_header(tmp_path / "recognizer.int8.engine").extra["precision"] == "int8"
-    # A second build reads the cache and feeds nothing.
-    memory2 = FakeMemory()
-    build_engine(request, tmp_path / "again.engine", memory2, log=lambda _: None)
-    assert trt.built[-1][1].int8_calibrator.batches_fed == 0 and memory2.copies == []
-
-
-def test_iqa_profile_has_one_input_and_spatial_range(monkeypatch, petal_home, onnx_file, tmp_path):
-    trt = fake_tensorrt(layers=[])
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    request = EngineRequest("iqa", onnx_file, "ef" * 32, "fp16", iqa_profile((2, 4, 16), 112))
-    build_engine(request, tmp_path / "iqa.fp16.engine", FakeMemory(), log=lambda _: None)
-    _, config = trt.built[-1]
-    assert config.profiles[0].shapes == {"image": ((2, 3, 56, 56), (4, 3, 112, 112), (16, 3, 224, 224))}
-    assert trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS not in config.flags  # nothing to pin
-
-
-def test_int8_without_calibration_faces(monkeypatch, petal_home, onnx_file, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    with pytest.raises(PetalError, match="calibration"):
-        build_engine(_request(onnx_file, "int8", calibration=_calibration(0, partial=5)), tmp_path / "x.engine",
-                     FakeMemory(), log=lambda _: None)
-
-
-def test_parser_errors_are_one_line(monkeypatch, petal_home, onnx_file, tmp_path):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(parse_errors=("unsupported op Foo",)))
-    with pytest.raises(PetalError, match="ONNX parser rejected recognizer: unsupported op Foo"):
-        build_engine(_request(onnx_file), tmp_path / "x.engine", FakeMemory(), log=lambda _: None)
-    assert not (tmp_path / "x.engine").exists()
-
-
-def test_engines_unavailable(monkeypatch):
-    import petal_runtime.backends.trt as runtime_trt
-
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    assert "TensorRT is not installed" in petal_trt.engines_unavailable()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    monkeypatch.setattr(runtime_trt, "probe_gpu", lambda: (None, "no CUDA driver"))
-    assert petal_trt.engines_unavailable() == "no usable CUDA GPU (no CUDA driver)"
-    monkeypatch.setattr(runtime_trt, "probe_gpu", lambda: (DeviceInfo("NVIDIA Fake GPU", "8.9"), ""))
-    assert petal_trt.engines_unavailable() is None
-
-
-# --- the exporter's engine step, end to end on tiny graphs (fake TensorRT, fake GPU, fake execution)
+# --- tiny real graphs: FP32, FP16 (the exporter's pass) and Q/DQ (the exporter's quantiser)
 
 class _TinyRecognizer(torch.nn.Module):
     def __init__(self) -> None:
@@ -386,70 +78,226 @@ def _to_onnx(module, args, names, outputs, axes, path):
     return path
 
 
-def test_exporter_engine_step(monkeypatch, petal_home, tmp_path):
-    import petal_runtime.backends.onnxrt as onnxrt
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """{format name: {graph: path}} for the tiny recognizer and IQA, plus the modules and faces."""
+    from petal_export.fp16 import convert_to_fp16
+    from petal_export.int8 import calibration_feeds, quantize_int8_qdq
+
+    work = tmp_path_factory.mktemp("graphs")
+    torch.manual_seed(0)
+    recognizer, iqa = _TinyRecognizer().eval(), _TinyIqa().eval()
+    image, alpha = torch.rand(2, 3, 32, 32) * 255, torch.rand(2, 1)
+    fp32 = {
+        "recognizer": _to_onnx(recognizer, (image, alpha), ["image", "alpha"], ["embedding"],
+                               {"image": {0: "N"}, "alpha": {0: "N"}, "embedding": {0: "N"}}, work / "recognizer.onnx"),
+        "iqa": _to_onnx(iqa, (image,), ["image"], ["quality"], {"image": {0: "N", 2: "H", 3: "W"}, "quality": {0: "N"}},
+                        work / "iqa.onnx"),
+    }
+    faces = np.random.default_rng(0).uniform(0, 255, (16, 3, 32, 32)).astype(np.float32)
+    sources = {"onnx": fp32, "onnx-fp16": {}, "onnx-int8-qdq": {}}
+    for graph, path in fp32.items():
+        model, _ = convert_to_fp16(onnx.load(str(path)))
+        sources["onnx-fp16"][graph] = work / f"{graph}.fp16.onnx"
+        onnx.save(model, sources["onnx-fp16"][graph])
+        sources["onnx-int8-qdq"][graph] = work / f"{graph}.qdq.onnx"
+        quantize_int8_qdq(path, sources["onnx-int8-qdq"][graph], calibration_feeds(faces, graph == "recognizer"))
+    return {"sources": sources, "recognizer": recognizer, "iqa": iqa, "faces": faces}
+
+
+def _request(path, precision="fp16", graph="recognizer", size=8, **kw) -> EngineRequest:
+    kw.setdefault("profile", recognizer_profile((1, 8, 32), size) if graph == "recognizer" else iqa_profile((1, 8, 32), size))
+    return EngineRequest(graph, path, "ab" * 32, precision, **kw)
+
+
+def _build(trt, request, tmp_path, name="x.engine"):
+    trt_fakes.USED.clear()
+    target = tmp_path / name
+    info = build_engine(request, target, get_memory(), log=lambda _: None)
+    network, config = trt.builds[-1]
+    return info, target, network, config
+
+
+# --- which path each TensorRT takes
+
+@pytest.mark.parametrize("version, precision, typing, source", [
+    ("10.0.1", "fp16", "weak", "onnx"), ("10.11.0.33", "fp16", "weak", "onnx"),
+    ("10.12.0.36", "fp16", "strong", "onnx-fp16"), ("10.16.1.11", "fp16", "strong", "onnx-fp16"),
+    ("11.4.0.106", "fp16", "strong", "onnx-fp16"), ("10.0.1", "int8", "strong", "onnx-int8-qdq"),
+    ("11.4.0.106", "int8", "strong", "onnx-int8-qdq")])
+def test_build_plan(version, precision, typing, source):
+    plan = build_plan(precision, version)
+    assert (plan.typing, plan.source_format) == (typing, source)
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "9.3.0", "12.0.0"])
+def test_build_plan_refuses_versions_outside_10_and_11(version):
+    with pytest.raises(PetalError, match=rf"TensorRT {version} is outside the supported range 10.x-11.x"):
+        build_plan("fp16", version)
+
+
+# --- builds under each flavour
+
+@pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
+def test_fp16_engine_is_strongly_typed_from_the_fp16_graph(fake, petal_home, tmp_path, graphs, version):
+    trt = fake(version)
+    path = graphs["sources"]["onnx-fp16"]["recognizer"]
+    info, target, network, config = _build(trt, _request(path, extra={"rebuild": "petal-export default --fp16"}),
+                                           tmp_path, "recognizer.fp16.engine")
+    assert network._strongly_typed and network._onnx == str(path)
+    assert config._flags == set()  # no precision flags: the graph carries the types
+    assert not trt_fakes.USED & (trt_fakes.REMOVED_IN_11 | set(trt_fakes.WEAK_BUILDER_FLAGS))
+    assert all(layer._precision is None and not layer._output_types for layer in network._layers)
+    assert any(layer.get_output(0).dtype == trt.float16 for layer in network._layers)  # the FP16 graph was parsed
+    assert config._pools == {trt.MemoryPoolType.WORKSPACE: petal_trt.WORKSPACE_BYTES}
+    assert len(config._profiles) == 1
+    assert config._profiles[0]._shapes == {"image": ((1, 3, 8, 8), (8, 3, 8, 8), (32, 3, 8, 8)),
+                                           "alpha": ((1, 1), (8, 1), (32, 1))}
+    header, plan = read_engine_file(target)
+    assert (header.tensorrt_version, header.gpu, header.compute_capability) == (version, "Fake GPU", "8.6")
+    assert header.extra["typing"] == "strong" and header.extra["onnx_file"] == "recognizer.fp16.onnx"
+    assert header.extra["precision"] == "fp16" and header.extra["rebuild"] == "petal-export default --fp16"
+    assert header.extra["profile"]["alpha"] == [[1, 1], [8, 1], [32, 1]] and info["fp32_layers"] == 0
+    assert read_engine_header(target) == header and b'"strongly_typed": true' in plan
+
+
+def test_fp16_before_10_12_is_weakly_typed_with_fp32_islands(fake, petal_home, tmp_path, graphs):
+    trt = fake("10.11.0.33", layers=[("/conv/Conv", "Conv", ["FLOAT"]), ("/norm/LayerNorm", "LayerNormalization", ["FLOAT"]),
+                                     ("/Div_1", "Div", ["FLOAT"]), ("/Shape", "Shape", ["INT64"])])
+    info, target, network, config = _build(trt, _request(graphs["sources"]["onnx"]["recognizer"],
+                                                         fp32_layers=frozenset({"/Div_1"})), tmp_path)
+    assert not network._strongly_typed
+    assert config._flags == {trt.BuilderFlag.FP16, trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS}
+    pinned = {layer.name for layer in network._layers if layer._precision == trt.float32}
+    assert pinned == {"/norm/LayerNorm", "/Div_1"} and info["fp32_layers"] == 2
+    assert all(layer._output_types == {0: trt.float32} for layer in network._layers if layer.name in pinned)
+    assert network._layers[3]._output_types == {}  # the shape layer keeps its int64 output
+    assert read_engine_header(target).extra["typing"] == "weak"
+
+
+@pytest.mark.parametrize("version", ALL, ids=ALL_IDS)
+def test_int8_engine_is_strongly_typed_from_the_qdq_graph(fake, petal_home, tmp_path, graphs, version):
+    trt = fake(version)
+    path = graphs["sources"]["onnx-int8-qdq"]["recognizer"]
+    _, target, network, config = _build(trt, _request(path, "int8"), tmp_path, "recognizer.int8.engine")
+    assert network._strongly_typed and config._flags == set()
+    assert not trt_fakes.USED & (trt_fakes.REMOVED_IN_11 | set(trt_fakes.WEAK_BUILDER_FLAGS))
+    kinds = {layer.type for layer in network._layers}
+    assert {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE} <= kinds  # explicit quantization, no calibrator
+    header = read_engine_header(target)
+    assert header.extra["precision"] == "int8" and header.extra["onnx_file"] == "recognizer.qdq.onnx"
+
+
+@pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
+def test_timing_cache_saved_and_reused(fake, petal_home, tmp_path, graphs, version):
+    trt = fake(version)
+    cache = timing_cache_path(version, DeviceInfo("Fake GPU", "8.6"))
+    assert cache.parent == petal_home / "trt" and cache.name == f"timing-fake-gpu-sm8.6-trt{version}.cache"
+    path = graphs["sources"]["onnx-fp16"]["recognizer"]
+    _build(trt, _request(path), tmp_path, "a.engine")
+    assert trt.builds[-1][1]._timing_cache._loaded == b""  # first build: a fresh cache
+    assert cache.read_bytes() == b"+timings"
+    _build(trt, _request(path), tmp_path, "b.engine")
+    assert trt.builds[-1][1]._timing_cache._loaded == b"+timings"  # the second starts from the saved one
+    assert cache.read_bytes() == b"+timings+timings"
+
+
+@pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
+def test_iqa_profile_has_one_input_and_spatial_range(fake, petal_home, tmp_path, graphs, version):
+    trt = fake(version)
+    request = EngineRequest("iqa", graphs["sources"]["onnx-fp16"]["iqa"], "ef" * 32, "fp16", iqa_profile((2, 4, 16), 112))
+    _, _, _, config = _build(trt, request, tmp_path)
+    assert config._profiles[0]._shapes == {"image": ((2, 3, 56, 56), (4, 3, 112, 112), (16, 3, 224, 224))}
+
+
+@pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
+def test_parser_errors_are_one_line(fake, petal_home, tmp_path, graphs, version):
+    fake(version, parse_errors=("unsupported op Foo",))
+    with pytest.raises(PetalError, match=rf"TensorRT {version}'s ONNX parser rejected recognizer.fp16.onnx: unsupported op Foo"):
+        build_engine(_request(graphs["sources"]["onnx-fp16"]["recognizer"]), tmp_path / "x.engine", get_memory(),
+                     log=lambda _: None)
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_trt11_fake_has_no_weak_typing_api(fake):
+    """What the old builder did fails on TensorRT 11, as it does with the real bindings."""
+    trt = fake(trt_fakes.TRT11)
+    config = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
+    for touch in (lambda: trt.BuilderFlag.FP16, lambda: trt.BuilderFlag.INT8,
+                  lambda: trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS, lambda: trt.IInt8EntropyCalibrator2,
+                  lambda: config.set_calibration_profile, lambda: setattr(config, "int8_calibrator", object()),
+                  lambda: trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH):
+        with pytest.raises(AttributeError):
+            touch()
+    assert trt.DataType.INT8 is not None and int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) == 0
+
+
+def test_strongly_typed_network_refuses_precision_flags_on_trt10(fake, petal_home, tmp_path, graphs):
+    """The fake enforces TensorRT's rule, so a builder mixing the two modes would fail here too."""
+    trt = fake(trt_fakes.TRT10)
+    builder = trt.Builder(trt.Logger(trt.Logger.WARNING))
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    config.add_optimization_profile(profile)
+    assert builder.build_serialized_network(network, config) is None
+    assert "strongly typed" in trt._build_errors[0]
+
+
+def test_engines_unavailable(fake, monkeypatch):
     import petal_runtime.backends.trt as runtime_trt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert "TensorRT is not installed" in petal_trt.engines_unavailable()
+    fake("12.0.0.1")
+    assert "outside the supported range 10.x-11.x" in petal_trt.engines_unavailable()
+    fake(trt_fakes.TRT11)
+    monkeypatch.setattr(runtime_trt, "probe_gpu", lambda: (None, "no CUDA driver"))
+    assert petal_trt.engines_unavailable() == "no usable CUDA GPU (no CUDA driver)"
+    monkeypatch.setattr(runtime_trt, "probe_gpu", lambda: (DeviceInfo("NVIDIA Fake GPU", "8.9"), ""))
+    assert petal_trt.engines_unavailable() is None
+
+
+# --- the exporter's engine step, end to end on tiny graphs (fake TensorRT and GPU; engines run the ONNX)
+
+@pytest.mark.parametrize("version", ALL, ids=ALL_IDS)
+def test_exporter_engine_step(fake, petal_home, tmp_path, graphs, version):
     from petal_export.export import ExportResult, _build_engines, _Stager
     from petal_export.formats import FORMATS
     from petal_export.verify import Comparator, TorchRunner, iqa_cases, recognizer_cases
     from petal_runtime.contract import Manifest
-
-    torch.manual_seed(0)
-    recognizer, iqa = _TinyRecognizer().eval(), _TinyIqa().eval()
-    image, alpha = torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 1)
-    work = tmp_path / "work"
-    work.mkdir()
-    paths = {
-        "recognizer": _to_onnx(recognizer, (image, alpha), ["image", "alpha"], ["embedding"],
-                               {"image": {0: "N"}, "alpha": {0: "N"}, "embedding": {0: "N"}}, work / "r.onnx"),
-        "iqa": _to_onnx(iqa, (image,), ["image"], ["quality"], {"image": {0: "N", 2: "H", 3: "W"}, "quality": {0: "N"}},
-                        work / "q.onnx"),
-    }
-    faces = np.random.default_rng(0).uniform(0, 255, (8, 3, 8, 8)).astype(np.float32)
-    comparators = {
-        "recognizer": Comparator("recognizer", TorchRunner(recognizer, ["image", "alpha"], "embedding"),
-                                 recognizer_cases(faces), "embedding"),
-        "iqa": Comparator("iqa", TorchRunner(iqa, ["image"], "quality"), iqa_cases(faces), "quality"),
-    }
-    trt = fake_tensorrt()
-    memory = FakeMemory()
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(runtime_trt, "get_memory", lambda: memory)
-    graphs_by_sha = {}
-
-    class EngineAsOnnx(onnxrt.OnnxrtRunner):
-        """Stands in for TrtRunner: checks the engine file, then 'runs' the ONNX graph it was built from."""
-
-        def __init__(self, loader, memory=None, name=None):
-            header, plan = read_engine_file(loader.path)
-            assert plan == PLAN and memory is not None
-            super().__init__(onnxrt.SessionFromOnnx(graphs_by_sha[header.extra["onnx_sha256"]]), name=name)
-
     from petal_runtime.files import sha256_file
 
-    for path in paths.values():
-        graphs_by_sha[sha256_file(path)] = path
-    monkeypatch.setattr(runtime_trt, "TrtRunner", EngineAsOnnx)
+    fake(version)
+    faces = graphs["faces"][:8]
+    comparators = {
+        "recognizer": Comparator("recognizer", TorchRunner(graphs["recognizer"], ["image", "alpha"], "embedding"),
+                                 recognizer_cases(faces), "embedding"),
+        "iqa": Comparator("iqa", TorchRunner(graphs["iqa"], ["image"], "quality"), iqa_cases(faces), "quality"),
+    }
     out = tmp_path / "out"
     out.mkdir()
     manifest = Manifest(backbone="tiny", embedding_size=6, norm_mean=0.0, norm_std=255.0, iqa_threshold=0.5,
-                        face_size=8)
-    result = ExportResult(manifest, out)
-    from petal_export.int8 import calibration_feeds
-
-    calib = {"recognizer": calibration_feeds(faces, True), "iqa": calibration_feeds(faces, False)}
+                        face_size=32)
+    result = ExportResult(manifest, out, rebuild_command="petal-export ckpt.pt --fp16 --int8 --out out")
     with contextlib.ExitStack() as stack:
         stager = _Stager(stack, out, lambda _: None)
-        _build_engines(result, stager, [FORMATS["trt-fp16"], FORMATS["trt-int8"]], paths, comparators, calib,
-                       tmp_path / "calibration", (1, 4, 8), lambda _: None)
-        assert not any(out.iterdir()) or all(p.name.startswith(".") for p in out.iterdir())  # staged, not yet kept
+        _build_engines(result, stager, [FORMATS["trt-fp16"], FORMATS["trt-int8"]], graphs["sources"], comparators,
+                       (1, 4, 8), lambda _: None)
+        assert all(p.name.startswith(".") for p in out.iterdir())  # staged, not yet kept
     assert sorted(p.name for p in out.iterdir()) == ["iqa.fp16.engine", "iqa.int8.engine", "recognizer.fp16.engine",
                                                       "recognizer.int8.engine"]
     assert set(result.comparisons) == {"recognizer trt-fp16", "iqa trt-fp16", "recognizer trt-int8", "iqa trt-int8"}
+    assert result.comparisons["recognizer trt-fp16"].min_cosine >= 0.999
     assert result.comparisons["recognizer trt-int8"].precision == "int8"
-    assert manifest.library_versions["tensorrt"] == "10.3.0" and memory.closed
-    header = read_engine_header(out / "iqa.int8.engine")
-    assert header.extra["profile"]["image"][2] == [8, 3, 16, 16]
-    assert sorted(p.name for p in (tmp_path / "calibration").iterdir()) == [
-        f"iqa-{sha256_file(paths['iqa'])[:12]}.trt-int8.cache",
-        f"recognizer-{sha256_file(paths['recognizer'])[:12]}.trt-int8.cache"]
+    assert manifest.library_versions["tensorrt"] == version
+    fp16_source = "onnx" if version.startswith("10.11") else "onnx-fp16"
+    for graph in ("recognizer", "iqa"):
+        header = read_engine_header(out / f"{graph}.fp16.engine")
+        assert header.extra["source_format"] == fp16_source
+        assert header.extra["onnx_sha256"] == sha256_file(graphs["sources"][fp16_source][graph])
+        int8 = read_engine_header(out / f"{graph}.int8.engine")
+        assert int8.extra["source_format"] == "onnx-int8-qdq" and int8.extra["typing"] == "strong"
+        assert int8.extra["rebuild"] == "petal-export ckpt.pt --fp16 --int8 --out out"
+    assert read_engine_header(out / "iqa.int8.engine").extra["profile"]["image"][2] == [8, 3, 64, 64]

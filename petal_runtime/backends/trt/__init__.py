@@ -1,4 +1,4 @@
-"""TensorRT backend: PETAL engine files (see loader.py) run through the TensorRT 10 Python API.
+"""TensorRT backend: PETAL engine files (see loader.py) run through the TensorRT 10 or 11 Python API.
 
 Nothing here imports tensorrt, pycuda or cuda-python at import time; the first use does, and a
 missing library is a PetalError that says what to install.

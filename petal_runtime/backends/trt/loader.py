@@ -139,8 +139,17 @@ def read_engine_header(path: str | Path) -> EngineHeader:
         raise PetalError(f"engine file {path} not found") from None
 
 
+DEFAULT_REBUILD = "petal-export CHECKPOINT --fp16 --int8 --out DIR"
+
+
+def rebuild_command(header: EngineHeader) -> str:
+    """The petal-export command the exporter recorded in the header (older headers: the general form)."""
+    return str(header.extra.get("rebuild") or DEFAULT_REBUILD)
+
+
 def check_engine_header(header: EngineHeader, tensorrt_version: str, device, source: str = "engine") -> None:
-    """Refuse an engine built by another TensorRT version or for another compute capability.
+    """Refuse an engine built by another TensorRT version or for another compute capability, in one
+    line that names the command rebuilding it here.
 
     A different GPU name with the same compute capability is allowed with a warning: TensorRT
     runs such engines, possibly with less than ideal kernels.
@@ -149,10 +158,11 @@ def check_engine_header(header: EngineHeader, tensorrt_version: str, device, sou
         raise PetalError(f"{source} uses engine header format {header.format}; this runtime reads {HEADER_FORMAT}")
     if header.tensorrt_version != str(tensorrt_version):
         raise PetalError(f"{source} was built with TensorRT {header.tensorrt_version}, this machine has "
-                         f"{tensorrt_version}: rebuild it here with petal-export")
+                         f"{tensorrt_version}: rebuild it here with: {rebuild_command(header)}")
     if header.compute_capability != device.compute_capability:
         raise PetalError(f"{source} was built for {header.gpu} (compute capability {header.compute_capability}), "
-                         f"this GPU is {device.name} ({device.compute_capability}): rebuild it here with petal-export")
+                         f"this GPU is {device.name} ({device.compute_capability}): rebuild it here with: "
+                         f"{rebuild_command(header)}")
     if header.gpu != device.name:
         warnings.warn(f"{source} was built on {header.gpu}, running on {device.name} (same compute capability)",
                       RuntimeWarning, stacklevel=2)

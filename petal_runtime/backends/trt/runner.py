@@ -1,4 +1,4 @@
-"""Run a TensorRT 10 engine on a dict of named arrays (name-based tensor API, execute_async_v3).
+"""Run a TensorRT 10 or 11 engine on a dict of named arrays (name-based tensor API, execute_async_v3).
 
 On activation: deserialise the engine (the loader checks its header against this GPU), create an
 execution context, select optimisation profile 0, read each input's (min, opt, max) shape from the
