@@ -26,7 +26,8 @@ def default_providers() -> list[str]:
 class SessionFromOnnx:
     """Callable that builds an `onnxruntime.InferenceSession` for `path`.
 
-    providers: a list, or None for `default_providers()`. onnxruntime-gpu silently falls back to the
+    providers: a list of names or (name, provider options) pairs, or None for `default_providers()`.
+    onnxruntime-gpu silently falls back to the
     CPU when CUDA cannot start (missing cuDNN, no driver); after creating the session the loader
     compares `session.get_providers()` with what was asked and records the fallback in `fallback`
     (and warns), so callers can report where the model really runs.
@@ -60,7 +61,8 @@ class SessionFromOnnx:
             options.add_session_config_entry("session.intra_op.allow_spinning", flag)
             options.add_session_config_entry("session.inter_op.allow_spinning", flag)
         requested = self.providers or default_providers()
-        unknown = [p for p in requested if p not in available_providers()]
+        names = [p[0] if isinstance(p, tuple) else p for p in requested]
+        unknown = [p for p in names if p not in available_providers()]
         if unknown:
             raise PetalError(f"ONNX Runtime here has no {', '.join(unknown)} (it has {', '.join(available_providers())})")
         try:
@@ -69,7 +71,7 @@ class SessionFromOnnx:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PetalError(f"{self.path} is not a usable ONNX model: {first[:200]}") from None
         active = session.get_providers()
-        lost = [p for p in requested if p != CPU and p not in active]
+        lost = [p for p in names if p != CPU and p not in active]
         if lost:
             self.fallback = f"{', '.join(lost)} could not start; {self.path.name} runs on {', '.join(active)}"
             warnings.warn(self.fallback, RuntimeWarning, stacklevel=2)
