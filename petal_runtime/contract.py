@@ -102,22 +102,37 @@ class Manifest:
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items() if k != "files"}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
-        known = {f.name for f in fields(cls)}
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> "Manifest":
+        """A manifest from decoded JSON; wrong shapes and types are one PetalError naming `source`."""
+        from .errors import PetalError
+        from .schema import from_json, kind_of
+
+        if not isinstance(data, dict):
+            raise PetalError(f"{source} is not a valid manifest: expected a JSON object, found {kind_of(data)}")
         version = str(data.get("contract_version", ""))
         if version != CONTRACT_VERSION:
-            from .errors import PetalError
-
             raise PetalError(
                 f"models use contract version {version or '?'}, this runtime speaks {CONTRACT_VERSION}; "
                 "re-export them with this version of petal-export"
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        manifest = from_json(cls, data, source)
+        for name in ("embedding_size", "face_size"):
+            if getattr(manifest, name) < 1:
+                raise PetalError(f"{source}: {name} should be a positive integer, found {getattr(manifest, name)}")
+        if manifest.norm_std == 0 or manifest.iqa_std == 0 or len(manifest.pixel_range) != 2:
+            raise PetalError(f"{source} is not a valid manifest (a zero std or a pixel range of "
+                             f"{len(manifest.pixel_range)} numbers)")
+        return manifest
 
     @classmethod
-    def from_metadata(cls, props: dict[str, str]) -> "Manifest":
-        data = {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
-        return cls.from_dict(data)
+    def from_metadata(cls, props: dict[str, str], source: str = "model metadata") -> "Manifest":
+        from .errors import PetalError
+
+        try:
+            data = {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+        except (ValueError, TypeError) as exc:
+            raise PetalError(f"{source} holds damaged petal.* metadata ({exc})") from None
+        return cls.from_dict(data, source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":
@@ -127,4 +142,4 @@ class Manifest:
         if path.is_dir():
             path = path / MANIFEST_FILE
         return cls.from_dict(read_json(path, f"no {MANIFEST_FILE} at {path}: point --models at a petal-export output folder",
-                                       f"{path} is not a valid manifest ({{error}})"))
+                                       f"{path} is not a valid manifest ({{error}})"), str(path))

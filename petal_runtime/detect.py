@@ -33,6 +33,11 @@ class FaceDetector:
                  nms_threshold: float = 0.3, top_k: int = 50, scale: float = 1.0) -> None:
         path = Path(model) if model else model_path(YUNET)
         try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:  # OpenCV would only say it cannot parse the file
+            raise PetalError(f"cannot read the YuNet model {path} ({exc.strerror or exc})") from None
+        try:
             self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), score_threshold, nms_threshold, top_k)
         except cv2.error:
             raise PetalError(f"{path} is not a usable YuNet model") from None

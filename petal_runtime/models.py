@@ -5,12 +5,15 @@
     e = models.embed(faces, models.alpha(q))   # [N, D], L2-normalised
 
 The folder is what petal-export writes: `recognizer.onnx`, `iqa.onnx`, `manifest.json` and, on GPU
-machines, TensorRT engines. `fingerprint` identifies the models a gallery was built with.
+machines, TensorRT engines. Every model file is checked against the sha256 manifest.json lists for it
+before it is loaded; `fingerprint` (the digests actually read) identifies the models a gallery was built with.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from .backends import AUTO, choose_backend
 from .backends.base import Runner
 from .contract import IQA_FILE, MANIFEST_FILE, RECOGNIZER_FILE, Manifest
 from .errors import PetalError
-from .files import sha256_file
+from .files import atomic_write_text, sha256_file
 
 DEFAULT_MAX_BATCH = 32
 
@@ -40,33 +43,89 @@ class Fingerprint:
                 "iqa_sha256": self.iqa_sha256, "embedding_size": self.embedding_size, "backbone": self.backbone}
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_CACHE: dict[tuple, str] = {}
+_DIGEST_FILE = "digests.json"
+_DIGEST_ENTRIES = 256
+
+
+def _digest_store() -> Path:
+    """$PETAL_HOME/digests.json (or ~/.cache/petal/digests.json): digests of model files already read."""
+    from .model_store import cache_dir
+
+    return cache_dir().parent / _DIGEST_FILE
+
+
+def _stat_key(path: Path) -> tuple:
+    # ctime and the inode change with every write or replacement (and cannot be set back by touch).
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+
+
+def _load_digest_store() -> dict:
+    try:
+        data = json.loads(_digest_store().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
+    """sha256 of a model file, cached by path, size, mtime, ctime and inode in memory and on disk,
+    so a restarted runtime does not rehash unchanged models."""
+    try:
+        key = _stat_key(path)
+    except OSError as exc:
+        raise PetalError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if key in _SHA_CACHE:
+        return _SHA_CACHE[key]
+    store = _load_digest_store()
+    entry = store.get(key[0])
+    if isinstance(entry, dict) and entry.get("key") == list(key[1:]) and isinstance(entry.get("sha256"), str):
+        _SHA_CACHE[key] = entry["sha256"]
+        return entry["sha256"]
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        raise PetalError(f"cannot read {path} ({exc.strerror or exc})") from None
+    _SHA_CACHE[key] = digest
+    store[key[0]] = {"key": list(key[1:]), "sha256": digest}
+    while len(store) > _DIGEST_ENTRIES:
+        store.pop(next(iter(store)))
+    try:  # a cache: a read-only home only costs a rehash next time
+        atomic_write_text(_digest_store(), json.dumps(store))
+    except OSError:
+        pass
+    return digest
+
+
+def verify_file(models_dir: str | Path, name: str, manifest: Manifest) -> str:
+    """sha256 of `models_dir/name` as read now, checked against the digest manifest.json lists for it.
+
+    A file the manifest does not list (a manifest written before file digests, or a file added by
+    hand) cannot be checked: it is read, hashed and warned about.
+    """
+    path = Path(models_dir) / name
+    if not path.is_file():
+        raise PetalError(f"{path} not found: {models_dir} is not a complete petal-export folder")
+    digest = _file_sha256(path)
+    expected = manifest.files.get(name)
+    if expected is None:
+        warnings.warn(f"{path} is not listed in {MANIFEST_FILE}, so it cannot be verified", RuntimeWarning,
+                      stacklevel=3)
+    elif digest != expected:
+        raise PetalError(f"{path} is damaged or was replaced: its sha256 {digest[:12]}... is not the "
+                         f"{str(expected)[:12]}... {MANIFEST_FILE} lists; re-run petal-export")
+    return digest
 
 
 def fingerprint(models_dir: str | Path, manifest: Manifest | None = None) -> Fingerprint:
-    """Digest of the FP32 graphs (from the manifest's file list where it has them; else hashed here).
+    """Digest of the FP32 graphs as read from disk, each verified against the manifest.
 
     The IQA graph is part of it because alpha, and so every embedding, depends on its output.
     """
     models_dir = Path(models_dir)
     manifest = manifest or Manifest.load(models_dir)
-    digests = []
-    for name in (RECOGNIZER_FILE, IQA_FILE):
-        digest = manifest.files.get(name)
-        if not digest:
-            path = models_dir / name
-            if not path.is_file():
-                raise PetalError(f"{path} not found: {models_dir} is not a complete petal-export folder")
-            digest = _file_sha256(path)
-        digests.append(digest)
+    digests = [verify_file(models_dir, name, manifest) for name in (RECOGNIZER_FILE, IQA_FILE)]
     combined = hashlib.sha256(
         f"recognizer:{digests[0]}\niqa:{digests[1]}\nthreshold:{manifest.iqa_threshold!r}\n"
         f"clip:{manifest.alpha_clip}\n".encode()).hexdigest()
@@ -94,6 +153,10 @@ class Models:
         options = {"threads": threads, "providers": providers, "precision": precision}
         self.recognizer: Runner = self.backend.create(self.dir, "recognizer", **options)
         self.iqa: Runner = self.backend.create(self.dir, "iqa", **options)
+        for runner in (self.recognizer, self.iqa):  # the variant or engine each runner loads
+            path = getattr(getattr(runner, "loader", None), "path", None)
+            if path is not None and Path(path).parent.resolve() == self.dir.resolve():
+                verify_file(self.dir, Path(path).name, self.manifest)
         self.max_batch = max(1, int(max_batch))
         self.embedding_size = int(self.manifest.embedding_size)
         self.recognizer_calls = 0

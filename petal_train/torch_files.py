@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from petal_runtime.errors import PetalError
+from petal_runtime.files import first_line
 
 # What torch's unpickler raises on a damaged or foreign file (a text file gives IndexError).
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
@@ -27,5 +28,4 @@ def load_torch_file(path: str | Path, kind: str, readable_as: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _UNREADABLE as exc:
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise PetalError(f"{path} is not a readable {readable_as} ({reason})") from None
+        raise PetalError(f"{path} is not a readable {readable_as} ({first_line(exc, 120)})") from None

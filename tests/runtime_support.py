@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
 CACHE = REPO / ".pytest_cache" / "petal-runtime"
 MODEL_SOURCES = ("petal_train/lora.py", "petal_train/model.py", "petal_train/iqa.py", "petal_train/backbones/sface.py",
-                 "petal_runtime/contract.py")
+                 "petal_runtime/contract.py", "petal_runtime/files.py")
 CLIP_SOURCES = ("petal_train/synth.py", "petal_train/degrade.py")
 IQA_WEIGHTS = REPO / "petal_train" / "weights" / "iqa_faces.pth"
 DEFAULT_CHECKPOINT = REPO / "petal_train" / "weights" / "sface_default.pt"
@@ -101,10 +101,10 @@ def invoke(command, args) -> Invoked:
 @functools.lru_cache(maxsize=None)
 def lfw_gallery(models_dir: Path) -> Path:
     """gallery.npy of the 10 LFW10 people from their photos 2-5, built with these models (cached)."""
-    from petal_runtime.gallery import build_gallery
+    from petal_runtime.gallery import GALLERY_FORMAT, build_gallery
     from petal_runtime.models import Models
 
-    target = CACHE / f"gallery-{Path(models_dir).name}"
+    target = CACHE / f"gallery-{Path(models_dir).name}-v{GALLERY_FORMAT}"
 
     def build(out: Path) -> None:
         with Models(models_dir) as models:
