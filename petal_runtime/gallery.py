@@ -3,15 +3,25 @@
 `g.npy` holds one row per identity: `name` (unicode), `embedding` (float32 [D], L2-normalised mean of
 that person's image embeddings) and `count` (images averaged). It is written with
 `allow_pickle=False` and read back the same way. `g.npy.json` beside it records the models'
-fingerprint (sha256 of the recognizer and IQA graphs); a gallery is refused by models with another
-fingerprint or embedding size, since its embeddings would not be comparable.
+fingerprint (sha256 of the recognizer and IQA graphs) and the sha256 of the `.npy` it belongs to
+(`entries_sha256`); a gallery is refused by models with another fingerprint or embedding size, since
+its embeddings would not be comparable, and a `.json` beside a `.npy` it was not written with is refused.
+
+The pair changes as one unit: writers hold an exclusive lock (flock on the gallery's folder) across
+read-modify-write (`Gallery.locked`), readers a shared one, so concurrent `petal-gallery add` runs
+never lose an update and a reader never sees a new `.npy` with an old `.json`.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -19,10 +29,12 @@ import numpy as np
 from .align import align_face
 from .contract import FACE_SIZE, to_model_input
 from .errors import PetalError
-from .files import atomic_path, atomic_write_text, read_json
+from .files import atomic_path, atomic_write_text, first_line, read_json
+from .schema import from_json
 
 NAME_LENGTH = 128
-GALLERY_FORMAT = 1
+GALLERY_FORMAT = 2  # 2: the .json names the sha256 of its .npy (entries_sha256)
+MAX_DIM = 65536
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 UNKNOWN = "unknown"
 
@@ -34,6 +46,105 @@ def gallery_dtype(dim: int) -> np.dtype:
 def meta_path(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name + ".json")
+
+
+@dataclass
+class GalleryMeta:
+    """The schema of g.npy.json (other keys are kept as they are)."""
+
+    models_sha256: str
+    entries_sha256: str
+    format: int = GALLERY_FORMAT
+    embedding_size: int = 0
+    identities: int = 0
+    recognizer_sha256: str = ""
+    iqa_sha256: str = ""
+    backbone: str = ""
+    built_from: str = ""
+    models_dir: str = ""
+
+
+_LOCKS: dict[str, tuple[threading.RLock, list[int]]] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def gallery_lock(path: str | Path, exclusive: bool = True) -> Iterator[None]:
+    """flock on the gallery's folder: exclusive for writers, shared for readers; re-entrant in a process.
+
+    Where the folder cannot be opened or locked (another OS, a file system without locks), the
+    content binding (entries_sha256) still refuses a mismatched pair.
+    """
+    folder = str(Path(path).resolve().parent)
+    with _LOCKS_GUARD:
+        lock, state = _LOCKS.setdefault(folder, (threading.RLock(), [0, -1]))
+    with lock:  # threads of this process take turns; the flock is held once per process
+        state[0] += 1
+        try:
+            if state[0] == 1:
+                state[1] = _flock(folder, exclusive)
+            yield
+        finally:
+            state[0] -= 1
+            if state[0] == 0 and state[1] >= 0:
+                os.close(state[1])  # closing the descriptor releases the flock
+                state[1] = -1
+
+
+def _flock(folder: str, exclusive: bool) -> int:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _read_entries(data: bytes, path: Path) -> np.ndarray:
+    """The structured array in .npy bytes, checked before anything is allocated (no pickle)."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    not_gallery = f"{path} is not a PETAL gallery (a .npy structured array without pickle)"
+    try:
+        version = fmt.read_magic(buf)
+        reader = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if reader is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = reader(buf)
+    except (ValueError, TypeError, KeyError, SyntaxError, OverflowError, MemoryError, RecursionError,
+            UnicodeDecodeError, AttributeError, IndexError) as exc:
+        raise PetalError(f"{not_gallery}: {first_line(exc, 120)}") from None
+    if dtype.hasobject:
+        raise PetalError(f"{not_gallery}: it holds Python objects, which would need pickle")
+    names = dtype.names or ()
+    if len(shape) != 1 or not {"name", "embedding", "count"} <= set(names):
+        raise PetalError(f"{path} is not a PETAL gallery: expected fields name, embedding, count, "
+                         f"found {list(names) or dtype.str}")
+    name_t, emb_t, count_t = dtype["name"], dtype["embedding"], dtype["count"]
+    emb_shape = emb_t.shape
+    if len(emb_shape) != 1:
+        raise PetalError(f"{path}: embedding field has shape {emb_shape}, expected one dimension")
+    if not 1 <= emb_shape[0] <= MAX_DIM or emb_t.base.kind != "f" or name_t.kind != "U" or count_t.kind not in "iu":
+        raise PetalError(f"{path} is not a PETAL gallery: fields name {name_t.str}, embedding {emb_t.str}, "
+                         f"count {count_t.str} (expected unicode, 1-{MAX_DIM} floats, an integer)")
+    if name_t.itemsize // 4 > NAME_LENGTH:
+        raise PetalError(f"{path}: names of up to {name_t.itemsize // 4} characters, at most {NAME_LENGTH} allowed")
+    offset = buf.tell()
+    if shape[0] * dtype.itemsize != len(data) - offset:
+        raise PetalError(f"{path} is truncated or damaged: its header promises {shape[0]} entries "
+                         f"({shape[0] * dtype.itemsize} bytes), the file holds {len(data) - offset}")
+    entries = np.frombuffer(data, dtype, shape[0], offset).astype(gallery_dtype(emb_shape[0]))
+    if not np.isfinite(entries["embedding"]).all():
+        raise PetalError(f"{path} is damaged: it holds NaN or infinite embeddings")
+    return entries
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -85,28 +196,44 @@ class Gallery:
     def load(cls, path: str | Path, fingerprint=None) -> "Gallery":
         """Read g.npy (no pickle) and its .json; check them against `fingerprint` where given."""
         path = Path(path)
-        if not path.is_file():
-            raise PetalError(f"gallery {path} not found (petal-gallery build makes one)")
-        try:
-            entries = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise PetalError(f"{path} is not a PETAL gallery (a .npy structured array without pickle): "
-                             f"{str(exc).splitlines()[0][:120]}") from None
-        names = entries.dtype.names or ()
-        if entries.ndim != 1 or not {"name", "embedding", "count"} <= set(names):
-            raise PetalError(f"{path} is not a PETAL gallery: expected fields name, embedding, count, "
-                             f"found {list(names) or entries.dtype.str}")
-        emb_shape = entries.dtype["embedding"].shape
-        if len(emb_shape) != 1:
-            raise PetalError(f"{path}: embedding field has shape {emb_shape}, expected one dimension")
-        mpath = meta_path(path)
-        meta = read_json(mpath, f"{mpath} is missing: without it the models {path.name} was built with are unknown; "
-                                "rebuild the gallery with petal-gallery build",
-                         f"{mpath} is not valid JSON; rebuild the gallery with petal-gallery build")
-        gallery = cls(entries.astype(gallery_dtype(emb_shape[0])), meta, path)
+        with gallery_lock(path, exclusive=False):
+            if not path.is_file():
+                raise PetalError(f"gallery {path} not found (petal-gallery build makes one)")
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise PetalError(f"cannot read {path} ({exc.strerror or exc})") from None
+            entries = _read_entries(data, path)
+            mpath = meta_path(path)
+            meta = read_json(mpath, f"{mpath} is missing: without it the models {path.name} was built with are "
+                                    "unknown; rebuild the gallery with petal-gallery build",
+                             f"{mpath} is not valid JSON; rebuild the gallery with petal-gallery build")
+        if isinstance(meta, dict) and "entries_sha256" not in meta and "models_sha256" in meta:
+            raise PetalError(f"{mpath} was written by an older petal-gallery (it does not name the .npy it belongs "
+                             "to); rebuild the gallery with petal-gallery build")
+        from_json(GalleryMeta, meta, str(mpath))
+        digest = hashlib.sha256(data).hexdigest()
+        if meta["entries_sha256"] != digest:
+            raise PetalError(f"{mpath} does not belong to {path.name} (it was written with a .npy of sha256 "
+                             f"{meta['entries_sha256'][:12]}..., this one is {digest[:12]}...); rebuild the gallery "
+                             "or put back the pair that was written together")
+        gallery = cls(entries, meta, path)
         if fingerprint is not None:
             gallery.check(fingerprint)
         return gallery
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, path: str | Path, fingerprint=None) -> Iterator["Gallery"]:
+        """Read-modify-write under an exclusive lock: the gallery at `path`, saved back if the block succeeds.
+
+            with Gallery.locked("g.npy", models.fingerprint) as gallery:
+                gallery.add("Jane", embeddings)
+        """
+        with gallery_lock(path, exclusive=True):
+            gallery = cls.load(path, fingerprint)
+            yield gallery
+            gallery.save(path)
 
     def check(self, fingerprint) -> None:
         """Refuse a gallery whose embeddings these models cannot be compared with."""
@@ -125,11 +252,19 @@ class Gallery:
             raise PetalError("no path to save the gallery to")
         if path.suffix != ".npy":
             raise PetalError(f"gallery files end in .npy (numpy would append it): {path}")
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, self.entries, allow_pickle=False)
-        meta = {**self.meta, "format": GALLERY_FORMAT, "identities": len(self), "embedding_size": self.dim}
-        atomic_write_text(meta_path(path), json.dumps(meta, indent=2, sort_keys=True))
+        buffer = io.BytesIO()
+        np.save(buffer, np.ascontiguousarray(self.entries), allow_pickle=False)
+        data = buffer.getvalue()
+        meta = {**self.meta, "format": GALLERY_FORMAT, "identities": len(self), "embedding_size": self.dim,
+                "entries_sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            with gallery_lock(path, exclusive=True):  # readers see the old pair or the new one
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(data)
+                atomic_write_text(meta_path(path), json.dumps(meta, indent=2, sort_keys=True))
+        except OSError as exc:
+            raise PetalError(f"cannot write the gallery {path} ({exc.strerror or exc})") from None
+        self.meta = meta
         self.path = path
         return path
 
@@ -143,12 +278,13 @@ class Gallery:
             raise PetalError(f"identity name longer than {NAME_LENGTH} characters: {name[:40]}...")
         if name == UNKNOWN:
             raise PetalError(f"{UNKNOWN!r} is reserved for faces that match nobody")
-        embeddings = np.asarray(embeddings, np.float32).reshape(-1, self.dim) if len(embeddings) else np.zeros((0, self.dim))
-        if embeddings.shape[1] != self.dim:
-            raise PetalError(f"embeddings of size {embeddings.shape[1]} do not fit a {self.dim}-d gallery")
+        embeddings = self._queries(embeddings, f"embeddings for {name}")
         if len(embeddings) == 0:
             raise PetalError(f"no usable face for {name}")
         w = np.ones(len(embeddings), np.float32) if weights is None else np.asarray(weights, np.float32)
+        if w.shape != (len(embeddings),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise PetalError(f"weights for {name} must be {len(embeddings)} finite non-negative numbers, "
+                             f"not all zero (got shape {w.shape})")
         total = (_normalise(embeddings) * w[:, None]).sum(0)
         count = len(embeddings)
         existing = np.flatnonzero(self.entries["name"] == name)
@@ -172,15 +308,36 @@ class Gallery:
         return names
 
     # --- matching
+    def _queries(self, embeddings, what: str) -> np.ndarray:
+        """Embeddings [n, D] (or one [D]) as float32 [n, D]; any other shape, a non-finite value or a
+        zero vector is a PetalError that says what was expected."""
+        try:
+            x = np.asarray(embeddings, np.float32)
+        except (TypeError, ValueError) as exc:
+            raise PetalError(f"{what}: expected numbers [n, {self.dim}], got {type(embeddings).__name__} "
+                             f"({first_line(exc, 80)})") from None
+        if x.ndim == 1 and x.shape[0] == self.dim:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise PetalError(f"{what}: expected shape [n, {self.dim}] or [{self.dim}] for this {self.dim}-d gallery, "
+                             f"got {list(x.shape)}")
+        if not np.isfinite(x).all():
+            raise PetalError(f"{what}: embeddings hold NaN or infinite values")
+        if len(x) and np.linalg.norm(x, axis=1).min() < 1e-6:
+            raise PetalError(f"{what}: a zero embedding has no direction to compare")
+        return x
+
     def scores(self, embeddings: np.ndarray) -> np.ndarray:
         """Cosine of each query [M, D] to each entry -> [M, len(gallery)]."""
-        queries = _normalise(np.asarray(embeddings, np.float32).reshape(-1, self.dim))
-        return queries @ self.embeddings.T
+        return _normalise(self._queries(embeddings, "queries")) @ self.embeddings.T
 
     def identify(self, embedding: np.ndarray, threshold: float, top_k: int = 5) -> Match:
         if len(self) == 0:
             return Match(UNKNOWN, float("nan"), [])
-        row = self.scores(embedding)[0]
+        query = self._queries(embedding, "identify()")
+        if len(query) != 1:
+            raise PetalError(f"identify() takes one embedding [{self.dim}], got {len(query)}; use scores() for many")
+        row = self.scores(query)[0]
         order = np.argsort(-row)[: max(1, top_k)]
         ranked = [(str(self.entries["name"][i]), float(row[i])) for i in order]
         best_name, best = ranked[0]
