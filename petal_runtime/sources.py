@@ -6,13 +6,16 @@
 
 Damaged input is decoded past, not given up on: a packet the decoder rejects is counted in
 `source.stats.broken_packets` and decoding goes on with the next one (H.264 recovers at the next
-key frame); a truncated file yields the frames before the cut. Live streams reconnect with
-exponential back-off when they drop (`stats.reconnects`), and give up after `max_retries`
-consecutive failures.
+key frame); a truncated file yields the frames before the cut (an MP4 whose index, the moov atom,
+was never written cannot be decoded at all, and says so). Live streams open with timeouts, in a
+helper thread so that Ctrl-C, SIGTERM or `stop()` end a hung connection attempt at once; they
+reconnect with exponential back-off when they drop (`stats.reconnects`), print each retry, and give up
+after `max_retries` consecutive failures. `limit` stops any source after that many frames.
 """
 from __future__ import annotations
 
 import abc
+import itertools
 import re
 import sys
 import threading
@@ -65,13 +68,18 @@ class Source(abc.ABC):
         self.fps: float | None = None
         self.total_frames: int | None = None
         self.size: tuple[int, int] | None = None  # width, height
+        self.limit: int | None = None  # stop after this many frames (petal-run --max-frames)
         self._closed = threading.Event()
 
     @abc.abstractmethod
     def frames(self) -> Iterator[Frame]: ...
 
     def __iter__(self) -> Iterator[Frame]:
-        return self.frames()
+        if self.limit is None:
+            return self.frames()
+        if self.limit < 1:
+            raise PetalError(f"a frame limit must be at least 1, got {self.limit}")
+        return itertools.islice(self.frames(), self.limit)
 
     def stop(self) -> None:
         """Ask the iteration to end at the next frame; safe from any thread (close() is the owner's)."""
@@ -114,15 +122,21 @@ class _PyAVReader:
         self.stream = container.streams.video[0]
         self.stream.thread_type = "AUTO"  # frame and slice threads inside FFmpeg, GIL released
         self.stats = stats
+        # Held while FFmpeg reads or decodes: close() from another thread must not free the container
+        # under a read in progress; it leaves the closing to the reading thread instead.
+        self._busy = threading.Lock()
+        self._close_later = False
+        self._closed = False
 
     def frames(self, first_index: int, closed: threading.Event) -> Iterator[tuple[int, float | None, np.ndarray]]:
         av = self.av
         index = first_index
         errors_in_row = 0
         demux = self.container.demux(self.stream)
-        while not closed.is_set():
+        while not closed.is_set() and not self._closed:
             try:
-                packet = next(demux)
+                with self._busy:
+                    packet = next(demux)
             except StopIteration:
                 break
             except av.error.EOFError:
@@ -138,7 +152,8 @@ class _PyAVReader:
             if packet.is_corrupt:
                 self.stats.broken_packets += 1
             try:
-                decoded = packet.decode()
+                with self._busy:
+                    decoded = packet.decode() if not self._closed else []
             except av.error.FFmpegError as exc:
                 self.stats.broken_packets += 1
                 self.stats.note(f"decode: {_short(exc)}")
@@ -150,13 +165,17 @@ class _PyAVReader:
             for frame in decoded:
                 yield index, frame.time, self._to_bgr(frame)
                 index += 1
-        if not closed.is_set():  # the decoder holds back a few frames until flushed
+        if not closed.is_set() and not self._closed:  # the decoder holds back a few frames until flushed
             try:
-                for frame in self.stream.codec_context.decode(None):
+                with self._busy:
+                    flushed = self.stream.codec_context.decode(None)
+                for frame in flushed:
                     yield index, frame.time, self._to_bgr(frame)
                     index += 1
             except av.error.FFmpegError as exc:
                 self.stats.note(f"flush: {_short(exc)}")
+        if self._close_later:
+            self._close_now()
 
     def _to_bgr(self, frame) -> np.ndarray:
         if frame.is_corrupt:
@@ -164,6 +183,20 @@ class _PyAVReader:
         return frame.to_ndarray(format="bgr24")
 
     def close(self) -> None:
+        """Close the container; if another thread is inside a read, that thread closes it when the read
+        returns (a read ends within the source's timeout)."""
+        if self._busy.acquire(timeout=0.5):
+            try:
+                self._close_now()
+            finally:
+                self._busy.release()
+        else:
+            self._close_later = True
+
+    def _close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.container.close()
         except Exception:  # pragma: no cover - closing a broken container
@@ -190,6 +223,11 @@ class VideoFileSource(Source):
         try:
             container = _open_container(str(path))
         except av.error.FFmpegError as exc:
+            if _mp4_without_index(path):
+                raise PetalError(f"{path} is an MP4 cut before its index was written (no moov atom, as an "
+                                 "interrupted recording leaves it): its frames cannot be decoded without it; "
+                                 "record with faststart or to .ts/.mkv, or repair it with a tool such as "
+                                 "untrunc and a good file from the same camera") from None
             raise PetalError(f"{path} is not a video this runtime can read ({_short(exc)})") from None
         try:
             self._reader = _PyAVReader(container, self.stats)
@@ -216,6 +254,30 @@ class VideoFileSource(Source):
         self._reader.close()
 
 
+def _mp4_without_index(path: Path) -> bool:
+    """An ISO-BMFF file (ftyp first) whose top-level boxes hold media data but no moov."""
+    boxes = set()
+    try:
+        with open(path, "rb") as handle:
+            size = path.stat().st_size
+            offset = 0
+            while offset + 8 <= size and len(boxes) < 64:
+                handle.seek(offset)
+                head = handle.read(16)
+                length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if length == 1 and len(head) >= 16:
+                    length = int.from_bytes(head[8:16], "big")
+                elif length == 0:
+                    length = size - offset
+                boxes.add(kind)
+                if length < 8:
+                    break
+                offset += length
+    except OSError:
+        return False
+    return b"ftyp" in boxes and b"moov" not in boxes
+
+
 class StreamSource(Source):
     """A live stream (RTSP, HTTP, ...) or camera device through PyAV, reconnecting with back-off.
 
@@ -227,7 +289,7 @@ class StreamSource(Source):
     def __init__(self, url: str, format: str | None = None, options: dict | None = None,
                  max_retries: int | None = 8, backoff: tuple[float, float] = (0.5, 30.0),
                  timeout: float = 10.0, opener: Callable[[], object] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] | None = None, log: Callable[[str], None] | None = None) -> None:
         super().__init__(url)
         self.url = url
         self.format = format
@@ -238,8 +300,37 @@ class StreamSource(Source):
         self.backoff = backoff
         self.timeout = timeout
         self._opener = opener or (lambda: _open_container(self.url, self.options, self.format, self.timeout))
-        self._sleep = sleep
+        self._sleep = sleep or self._closed.wait  # stop() ends a back-off at once
+        self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self._reader = self._connect(first=True)
+
+    def _open(self):
+        """The opener's container, opened in a helper thread: this thread waits in short steps, so a
+        signal (Ctrl-C, SIGTERM) or stop() ends the wait at once; the helper ends within the timeout and
+        closes what it opened if nobody waits for it any more."""
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["container"] = self._opener()
+            except BaseException as exc:  # handed to the waiting thread
+                box["error"] = exc
+            if self._closed.is_set() and "container" in box:
+                box.pop("container").close()
+
+        helper = threading.Thread(target=target, name="petal-connect", daemon=True)
+        helper.start()
+        try:
+            while helper.is_alive():
+                helper.join(0.05)
+                if self._closed.is_set():
+                    return None
+        except BaseException:
+            self._closed.set()
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box.get("container")
 
     def _connect(self, first: bool = False) -> _PyAVReader | None:
         av = _av()
@@ -247,7 +338,10 @@ class StreamSource(Source):
         delay = self.backoff[0]
         while not self._closed.is_set():
             try:
-                reader = _PyAVReader(self._opener(), self.stats)
+                container = self._open()
+                if container is None:
+                    return None
+                reader = _PyAVReader(container, self.stats)
                 if self.size is None:
                     ctx = reader.stream.codec_context
                     self.size = (ctx.width, ctx.height)
@@ -261,6 +355,8 @@ class StreamSource(Source):
                     if first:
                         raise PetalError(f"could not open {self.url}: {_short(exc)}") from None
                     return None
+                tries = f" of {self.max_retries}" if self.max_retries is not None else ""
+                self._log(f"{self.url}: {_short(exc)}; retry {attempt}{tries} in {delay:g} s")
                 self._sleep(delay)
                 delay = min(self.backoff[1], delay * 2)
         return None
