@@ -6,6 +6,8 @@ skipped and counted, never fatal.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 import tarfile
@@ -99,14 +101,45 @@ class FaceSet:
         return FaceSet(self.images[mask], self.labels[mask], self.names, self.skipped)
 
 
-def load_identity_folders(root: str | Path, aligner: Aligner | None = None, progress: bool = False) -> FaceSet:
-    """Read and align every image of root/<identity>/...; undecodable or faceless images are counted."""
-    aligner = aligner or Aligner()
+def load_identity_folders(root: str | Path, aligner: Aligner | None = None, progress: bool = False,
+                          cache: bool = True) -> FaceSet:
+    """Read and align every image of root/<identity>/...; undecodable or faceless images are counted.
+
+    With the default aligner the result is cached under $PETAL_HOME/aligned/, keyed by the folder's
+    file list, sizes and modification times (the whole LFW takes minutes to align on two cores).
+    """
     items = scan_identity_folders(root)
+    cached = _aligned_cache_path(items) if cache and aligner is None else None
+    if cached is not None and cached.is_file():
+        try:
+            with np.load(cached, allow_pickle=False) as data:
+                return FaceSet(data["images"], data["labels"], [str(n) for n in data["names"]],
+                               SkipCounter(Counter(json.loads(str(data["skipped"])))))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt below
+    faces = _align_items(items, aligner or Aligner(), progress, str(root))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, images=faces.images, labels=faces.labels, names=np.array(faces.names),
+                         skipped=np.array(json.dumps(dict(faces.skipped.reasons))))
+    return faces
+
+
+def _aligned_cache_path(items: list[tuple[Path, str]]) -> Path:
+    digest = hashlib.sha256()
+    for path, name in items:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return cache_dir().parent / "aligned" / f"{digest.hexdigest()[:24]}.npz"
+
+
+def _align_items(items: list[tuple[Path, str]], aligner: Aligner, progress: bool, label: str) -> FaceSet:
     names = sorted({name for _, name in items})
     index = {n: i for i, n in enumerate(names)}
     images, labels, skipped = [], [], SkipCounter()
-    for path, name in _progress(items, progress, f"aligning {Path(root).name}"):
+    for path, name in _progress(items, progress, f"aligning {label}"):
         rgb = read_rgb(path)
         if rgb is None:
             skipped.skip("undecodable")
@@ -118,7 +151,7 @@ def load_identity_folders(root: str | Path, aligner: Aligner | None = None, prog
         images.append(face)
         labels.append(index[name])
     if not images:
-        raise PetalError(f"no usable face in {root} (skipped: {skipped})")
+        raise PetalError(f"no usable face in {label} (skipped: {skipped})")
     return FaceSet(np.stack(images), np.array(labels, np.int64), names, skipped)
 
 
