@@ -38,6 +38,7 @@ from petal_runtime.contract import FACE_SIZE
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path
 
+from . import splits
 from .degrade import DegradeConfig, degrade
 from .faces import (IMAGE_SUFFIXES, Aligner, FaceSet, SkipCounter, decode_rgb, load_identity_folders,
                     load_portraits, read_rgb)
@@ -104,6 +105,7 @@ class TrainingData:
     names: list[str]  # label -> identity
     layout: str
     holdout: list[str] = field(default_factory=list)  # identities kept out of training
+    evaluation_dropped: list[str] = field(default_factory=list)  # evaluation identities removed (splits)
     skipped: SkipCounter = field(default_factory=SkipCounter)
 
     @property
@@ -115,10 +117,29 @@ class TrainingData:
 
 
 def load_training_data(data: str | Path, holdout_fraction: float = 0.0, seed: int = 0,
-                       aligner: Aligner | None = None, progress: bool = False) -> TrainingData:
-    """Load any supported layout's training part, aligned, with a seeded identity holdout."""
+                       aligner: Aligner | None = None, progress: bool = False,
+                       drop_eval_identities: bool = False) -> TrainingData:
+    """Load any supported layout's training part, aligned, with a seeded identity holdout.
+
+    Evaluation identities (petal_train.splits) never reach training: a set that holds some is
+    refused, naming them, or with `drop_eval_identities` they are removed first.
+    """
     if not 0.0 <= holdout_fraction < 1.0:
         raise PetalError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
+    loaded = _load_layout(data, aligner, progress)
+    evaluation = splits.overlap(loaded.names)
+    if evaluation and not drop_eval_identities:
+        splits.check_no_evaluation_identities(loaded.names, str(data))
+    loaded = _drop_identities(loaded, evaluation)
+    holdout = holdout_identities(loaded.names, holdout_fraction, seed)
+    loaded = _drop_identities(loaded, holdout)
+    if len(loaded.labels) == 0:
+        raise PetalError(f"{data}: no training images left")
+    loaded.holdout, loaded.evaluation_dropped = holdout, evaluation
+    return loaded
+
+
+def _load_layout(data: str | Path, aligner: Aligner | None, progress: bool) -> TrainingData:
     layout = detect_layout(data)
     if layout == "recordio":
         faces = RecordIOFaces(data, aligner=aligner)
@@ -134,18 +155,22 @@ def load_training_data(data: str | Path, holdout_fraction: float = 0.0, seed: in
         else:
             faceset = load_identity_folders(data, aligner=aligner, progress=progress)
         images, labels, names, skipped = faceset.images, faceset.labels, faceset.names, faceset.skipped
-    holdout = holdout_identities(names, holdout_fraction, seed)
-    if holdout:
-        keep_names = [n for n in names if n not in set(holdout)]
-        remap = np.full(len(names), -1, np.int64)
-        remap[[names.index(n) for n in keep_names]] = np.arange(len(keep_names))
-        new_labels = remap[labels]
-        keep = np.flatnonzero(new_labels >= 0)
-        images = _Subset(images, keep) if isinstance(images, RecordIOFaces) else images[keep]
-        labels, names = new_labels[keep], keep_names
-    if len(labels) == 0:
-        raise PetalError(f"{data}: no training images left")
-    return TrainingData(images, np.asarray(labels, np.int64), list(names), layout, holdout, skipped)
+    return TrainingData(images, np.asarray(labels, np.int64), list(names), layout, [], skipped)
+
+
+def _drop_identities(data: TrainingData, drop: Sequence[str]) -> TrainingData:
+    """`data` without the images of the identities in `drop`; labels made contiguous again."""
+    if not drop:
+        return data
+    dropped = set(drop)
+    keep_names = [n for n in data.names if n not in dropped]
+    remap = np.full(len(data.names), -1, np.int64)
+    remap[[i for i, n in enumerate(data.names) if n not in dropped]] = np.arange(len(keep_names))
+    new_labels = remap[data.labels]
+    keep = np.flatnonzero(new_labels >= 0)
+    images = data.images
+    images = images[keep] if isinstance(images, np.ndarray) else _Subset(images, keep)
+    return TrainingData(images, new_labels[keep], keep_names, data.layout, data.holdout, data.skipped)
 
 
 def holdout_identities(names: Sequence[str], fraction: float, seed: int) -> list[str]:
@@ -427,11 +452,12 @@ class DegradedFaces(Dataset):
     """
 
     def __init__(self, images: Sequence[np.ndarray], labels: np.ndarray, seed: int = 0, p_clean: float = 0.3,
-                 flip: bool = True, config: DegradeConfig = DegradeConfig()) -> None:
+                 flip: bool = True, config: DegradeConfig = DegradeConfig(), with_clean: bool = False) -> None:
         if not 0.0 <= p_clean <= 1.0:
             raise PetalError(f"the clean-sample probability must be in [0, 1], got {p_clean}")
         self.images, self.labels = images, np.asarray(labels, np.int64)
         self.seed, self.p_clean, self.flip, self.config = int(seed), float(p_clean), flip, config
+        self.with_clean = with_clean  # also yield the undegraded crop (the distillation teacher's input)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -442,17 +468,30 @@ class DegradedFaces(Dataset):
 
     def sample(self, index: int) -> np.ndarray:
         """The uint8 HWC crop this epoch gives sample `index`."""
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        image = np.asarray(self.images[index])
-        if self.flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        if rng.random() >= self.p_clean:
-            image, _ = degrade(np.ascontiguousarray(image), rng, self.config)
-        return np.ascontiguousarray(image)
+        return self.sample_pair(index)[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.sample(index)
-        return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)), int(self.labels[index])
+    def sample_pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(degraded, clean) uint8 HWC crops of sample `index` this epoch, flipped alike."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        clean = np.asarray(self.images[index])
+        if self.flip and rng.random() < 0.5:
+            clean = clean[:, ::-1]
+        clean = np.ascontiguousarray(clean)
+        image = clean
+        if rng.random() >= self.p_clean:
+            image, _ = degrade(clean, rng, self.config)
+        return np.ascontiguousarray(image), clean
+
+    def __getitem__(self, index: int):
+        image, clean = self.sample_pair(index)
+        label = int(self.labels[index])
+        if self.with_clean:
+            return _chw(image), _chw(clean), label
+        return _chw(image), label
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32))
 
 
 def _maybe_progress(items, enabled: bool, desc: str):
