@@ -316,7 +316,10 @@ def plan_walkers(people: Sequence[Person], config: SynthConfig, rng: np.random.G
         xs = (start, end) if left_to_right else (config.width - start, config.width - end)
         blur = float(rng.uniform(*config.blur_sigma))
         motion = int(rng.integers(3, 5)) if rng.random() < config.p_motion_blur else 0
-        degradation = Degradation(face_px=10_000, blur_sigma=blur, motion_len=motion)
+        families = {"blur": blur / 2.5} if blur > 0 else {}
+        if motion:
+            families["motion"] = (motion - 3) / 12  # the motion family's length is 3 + 12 * severity
+        degradation = Degradation(face_px=10_000, families=families)
         torso = tuple(int(v) for v in rng.integers(20, 200, 3))
         walkers.append(_Walker(person, i, first, last, xs, (lane_y, lane_y + rng.uniform(-0.04, 0.04) * config.height),
                                (float(size0), float(size1)), 0.01 * config.height, float(rng.uniform(0, 6.3)),
