@@ -540,7 +540,7 @@ def surface(trt) -> set[str]:
             continue  # the fake's own bookkeeping
         names.add(name)
         if isinstance(value, type):
-            names |= {k for cls in value.__mro__ if cls not in (_Api, object) for k in vars(cls)
+            names |= {k for cls in value.__mro__ if cls is not _Api and cls.__module__ != "builtins" for k in vars(cls)
                       if not k.startswith("_")}
         elif isinstance(value, _Api):
             names |= {k for k in vars(value) if not k.startswith("_")}
