@@ -52,10 +52,10 @@ def test_same_identity_is_closer_than_different_identities(lfw_faces):
     assert sim[same & off_diagonal].mean() > sim[~same].mean() + 0.3
 
 
-def test_sface_trainable_fraction_with_twin_adapters():
+def test_sface_adapters_sit_on_pointwise_convs_from_the_56px_stage_and_pre_fc1():
     report = build_recognizer("sface", mode="petal", rank=8).report
-    assert len(report.adapted_layers) == 28  # 27 convs + pre_fc1
-    assert 10.0 < report.percent < 20.0
+    assert report.adapted_layers == tuple(f"blocks.conv_{i}.conv" for i in range(4, 15)) + ("pre_fc1",)
+    assert 5.0 < report.percent < 12.0
 
 
 def test_registry_lists_sface_and_rejects_unknown_names():

