@@ -105,8 +105,8 @@ class TrainingData:
     names: list[str]  # label -> identity
     layout: str
     holdout: list[str] = field(default_factory=list)  # identities kept out of training
-    evaluation_dropped: list[str] = field(default_factory=list)  # evaluation identities removed (splits)
     skipped: SkipCounter = field(default_factory=SkipCounter)
+    evaluation_dropped: list[str] = field(default_factory=list)  # evaluation identities removed (splits)
 
     @property
     def num_classes(self) -> int:

@@ -26,6 +26,8 @@ batch), so that comparison is made with `--dropout 0`.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import signal
@@ -40,15 +42,18 @@ import click
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError, exit_on_user_error
-from petal_runtime.files import atomic_write_text, read_json, sha256_file
+from petal_runtime.files import atomic_path, atomic_write_text, read_json, sha256_file
+from petal_runtime.model_store import cache_dir
 
 from . import distributed as D
 from .checkpoint import AdapterCheckpoint, load_checkpoint
 from .data import DegradedFaces, TrainingData, load_training_data
+from .degrade import FAMILIES, DegradeConfig
 from .heads import DEFAULT_SCALE, HEADS, build_head
 from .lora import MODES, adapter_state_dict
 from .model import BuiltRecognizer, build_recognizer
@@ -62,7 +67,8 @@ PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # What a resumed run must share with the run it continues.
 RESUME_KEYS = ("data", "backbone", "backbone_weights", "mode", "rank", "lora_scale", "head", "head_scale",
-               "margin", "holdout_fraction", "seed", "p_clean")
+               "margin", "holdout_fraction", "seed", "p_clean", "distill", "freeze_centres", "exclude_families",
+               "drop_eval_identities")
 
 
 @dataclass
@@ -87,8 +93,15 @@ class FitConfig:
     head_scale: float = DEFAULT_SCALE
     margin: float | None = None  # None: the head's default (ArcFace 0.5, CosFace 0.4)
     head_init: str = "embeddings"  # class centres start at each identity's clean embedding
+    # What keeps sharp faces where the frozen model puts them (README, "No forgetting"): the class
+    # centres stay at the frozen model's clean embeddings, and each sample's adapted embedding is
+    # pulled toward the frozen embedding of its clean crop with this weight (0: the paper's recipe).
+    freeze_centres: bool = True
+    distill: float = 32.0
     p_clean: float = 0.3  # probability a training sample is left undegraded
+    exclude_families: tuple[str, ...] = ()  # degradation families never drawn (leave-one-family-out)
     holdout_fraction: float = 0.0
+    drop_eval_identities: bool = False  # train on the rest of a set that holds evaluation identities
     calibration: str | None = None
     iqa: str | None = None
     calibration_sample: int = 1000  # as `petal-train calibrate`
@@ -120,11 +133,20 @@ class FitConfig:
             raise PetalError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:
             raise PetalError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.distill < 0:
+            raise PetalError(f"--distill must be non-negative, got {self.distill}")
+        unknown = sorted(set(self.exclude_families) - set(FAMILIES) - {"grayscale"})
+        if unknown:
+            raise PetalError(f"unknown degradation famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"choose from: {', '.join([*FAMILIES, 'grayscale'])}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "exclude_families" in values:  # a list once it has been through JSON
+            values["exclude_families"] = tuple(values["exclude_families"])
+        return cls(**values)
 
 
 @dataclass
@@ -172,14 +194,21 @@ def _result_from_checkpoint(run_dir: Path) -> FitResult:
 class _TrainModule(nn.Module):
     """Recognizer + margin head as one module, so DDP synchronises both."""
 
-    def __init__(self, built: BuiltRecognizer, head: nn.Module) -> None:
+    def __init__(self, built: BuiltRecognizer, head: nn.Module, distill: float) -> None:
         super().__init__()
-        self.recognizer, self.head = built.recognizer, head
+        self.recognizer, self.head, self.distill = built.recognizer, head, distill
 
-    def forward(self, images: torch.Tensor, alpha: torch.Tensor, labels: torch.Tensor):
+    def forward(self, images: torch.Tensor, alpha: torch.Tensor, labels: torch.Tensor,
+                teacher: torch.Tensor | None = None):
+        """(loss, top-1 accuracy, distillation term: mean 1 - cos to the teacher, 0 without one)."""
         embedding = self.recognizer.embed(images, alpha)
         with torch.autocast(images.device.type, enabled=False):
-            return self.head.loss(embedding.to(self.head.weight.dtype), labels)
+            embedding = embedding.to(self.head.weight.dtype)
+            loss, accuracy = self.head.loss(embedding, labels)
+            if teacher is None:
+                return loss, accuracy, torch.zeros((), device=loss.device)
+            distance = (1.0 - (F.normalize(embedding, dim=1) * teacher.to(embedding.dtype)).sum(1)).mean()
+            return loss + self.distill * distance, accuracy, distance.detach()
 
 
 class _Batches(Sampler):
@@ -306,14 +335,19 @@ class Trainer:
         resume = self._resume_state()
 
         self.data: TrainingData = load_training_data(config.data, config.holdout_fraction, config.seed,
-                                                     progress=config.progress and ctx.is_main)
-        self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean)
+                                                     progress=config.progress and ctx.is_main,
+                                                     drop_eval_identities=config.drop_eval_identities)
+        self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean,
+                                     config=DegradeConfig(exclude=tuple(config.exclude_families)),
+                                     with_clean=config.distill > 0)
         self.global_batch = config.batch_size * ctx.world_size
         self.steps_per_epoch = (len(self.dataset) // ctx.world_size) // config.batch_size
         if self.steps_per_epoch == 0:
             raise PetalError(f"{len(self.dataset)} training images do not fill one batch of "
                              f"{config.batch_size} x {ctx.world_size} processes; lower --batch-size")
         self.total_steps = self.steps_per_epoch * config.epochs
+        # The learning rate decays to zero where training stops: at --max-steps when that comes first.
+        self.schedule_steps = min(self.total_steps, config.max_steps or self.total_steps)
 
         torch.manual_seed(config.seed)  # identical adapter and head initialisation on every rank
         backbone_kwargs = {"weights": config.backbone_weights} if config.backbone_weights else {}
@@ -353,16 +387,20 @@ class Trainer:
             resume.apply_to(self.built.recognizer.backbone, self.base_sha256)
             self.head.load_state_dict({k: v.to(self.device) for k, v in resume.head.items()})
         elif config.head_init == "embeddings":
-            self.head.init_from_embeddings(self._class_centres())
+            self.head.init_from_embeddings(self._cached_class_centres())
+        if config.freeze_centres and config.mode != "frozen":  # frozen mode trains nothing but the centres
+            self.head.weight.requires_grad_(False)
+        # The teacher: the frozen recognizer itself (adapters bypassed), or a frozen copy in `full` mode.
+        self.teacher = copy.deepcopy(self.built.recognizer).eval() if config.mode == "full" and config.distill else None
 
-        self.module = _TrainModule(self.built, self.head)
+        self.module = _TrainModule(self.built, self.head, config.distill)
         self.model = D.wrap(self.module, ctx)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, poly_warmup(warmup, self.total_steps, config.poly_power))
+            self.optimizer, poly_warmup(warmup, self.schedule_steps, config.poly_power))
         self.scaler = D.grad_scaler(ctx)
         self.epoch = self.step_in_epoch = self.global_step = 0
         self.elapsed, self.last_lr = 0.0, config.lr
@@ -408,6 +446,29 @@ class Trainer:
         if "torch_rng" in progress:
             torch.set_rng_state(progress["torch_rng"])
 
+    def _cached_class_centres(self) -> torch.Tensor:
+        """`_class_centres`, cached per base weights and in-memory data set (every run on the same
+        data shares them: minutes of forward passes on a CPU)."""
+        images = self.data.images
+        if not isinstance(images, np.ndarray) or self.ctx.distributed:
+            return self._class_centres()
+        digest = hashlib.sha256(self.base_sha256.encode())
+        digest.update("\0".join(self.data.names).encode())
+        digest.update(self.data.labels.tobytes())
+        digest.update(np.ascontiguousarray(images[:, ::7, ::7]).tobytes())
+        path = cache_dir().parent / "centres" / f"{self.cfg.backbone}-{digest.hexdigest()[:24]}.npy"
+        if path.is_file():
+            try:
+                return torch.from_numpy(np.load(path, allow_pickle=False)).to(self.device, self.dtype)
+            except (OSError, ValueError):
+                pass  # a damaged cache is computed again
+        centres = self._class_centres()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, centres.float().cpu().numpy())
+        return centres
+
     def _class_centres(self) -> torch.Tensor:
         """Each identity's mean clean embedding (up to 4 images), split over the ranks."""
         labels = self.data.labels
@@ -416,11 +477,18 @@ class Trainer:
         sums = torch.zeros(self.data.num_classes, self.built.spec.embedding_size, device=self.device,
                            dtype=self.dtype)
         recognizer = self.built.recognizer.eval()
-        with torch.no_grad():
-            for start in range(0, len(mine), 32):
-                chunk = mine[start:start + 32]
+        starts = range(0, len(mine), 64)
+        if self.cfg.progress and self.ctx.is_main:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="class centres", unit="batch")
+        # Adapters bypassed: the centres are the frozen model's (a resumed or full run included).
+        with torch.inference_mode(), self.built.gate.bypassed():
+            for start in starts:
+                chunk = mine[start:start + 64]
                 images = torch.from_numpy(np.stack([np.asarray(self.data.images[int(i)]) for i in chunk])
-                                          .transpose(0, 3, 1, 2)).to(self.device, self.dtype)
+                                          .transpose(0, 3, 1, 2)).to(self.device, self.dtype,
+                                                                      memory_format=torch.channels_last)
                 embedding = recognizer(images, torch.ones(len(chunk), 1, device=self.device)).to(self.dtype)
                 sums.index_add_(0, torch.from_numpy(labels[chunk]).to(self.device), embedding)
         if self.ctx.distributed:
@@ -431,7 +499,7 @@ class Trainer:
         return {"config": asdict(self.cfg), "world_size": self.ctx.world_size, "global_batch": self.global_batch,
                 "device": str(self.device), "backend": self.ctx.backend or "single-process",
                 "layout": self.data.layout, "train_images": len(self.data), "train_identities": self.data.num_classes,
-                "holdout_identities": self.data.holdout, "skipped": dict(self.data.skipped.reasons),
+                "holdout_identities": self.data.holdout, "evaluation_identities_dropped": len(self.data.evaluation_dropped), "skipped": dict(self.data.skipped.reasons),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "calibration": self.calibration, "iqa_sha256": self.iqa_sha256, "base_sha256": self.base_sha256,
                 "adapters": str(self.built.report), "torch": torch.__version__}
@@ -443,8 +511,8 @@ class Trainer:
         if self.cfg.mode != "full":
             freeze_batchnorm(self.module)
 
-    def _backward(self, images: torch.Tensor, labels: torch.Tensor):
-        """Alpha from the frozen IQA, forward, backward; returns (loss, accuracy, alpha)."""
+    def _backward(self, images: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor | None = None):
+        """Alpha from the frozen IQA, forward, backward; returns (loss, accuracy, alpha, distillation)."""
         images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with torch.no_grad():
@@ -453,12 +521,28 @@ class Trainer:
                 alpha = alpha_from_quality(self.iqa(images), self.threshold)
             else:
                 alpha = torch.ones(len(images), 1, device=self.device, dtype=self.dtype)
+            teacher = self._teacher(clean) if clean is not None else None
         torch.manual_seed(self.cfg.seed + 1_000_003 * (self.global_step + 1) + 7919 * self.ctx.rank)
         with D.autocast(self.ctx):
-            loss, accuracy = self.model(images, alpha, labels)
+            loss, accuracy, distance = self.model(images, alpha, labels, teacher)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        return loss, accuracy, alpha
+        return loss, accuracy, alpha, distance
+
+    @torch.no_grad()
+    def _teacher(self, clean: torch.Tensor) -> torch.Tensor:
+        """The frozen recognizer's L2-normalised embedding of the clean crops (eval mode: no dropout)."""
+        clean = clean.to(self.device, self.dtype, memory_format=torch.channels_last)
+        ones = torch.ones(len(clean), 1, device=self.device, dtype=self.dtype)
+        if self.teacher is not None:
+            return self.teacher(clean, ones)
+        recognizer = self.built.recognizer
+        recognizer.eval()
+        try:
+            with self.built.gate.bypassed(), D.autocast(self.ctx):
+                return recognizer(clean, ones).to(self.dtype)
+        finally:
+            self._train_mode()
 
     def gradients(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradients of one training step on this batch, per trainable parameter; nothing moves."""
@@ -468,16 +552,18 @@ class Trainer:
                 else p.grad.detach().float().cpu()
                 for name, p in self.module.named_parameters() if p.requires_grad and p.grad is not None}
 
-    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _step(self, images: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on (images, labels) or (images, clean images, labels)."""
         self.last_lr = self.scheduler.get_last_lr()[0]
-        loss, accuracy, alpha = self._backward(images, labels)
+        clean, labels = rest if len(rest) == 2 else (None, rest[0])
+        loss, accuracy, alpha, distance = self._backward(images, labels, clean)
         if self.cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return torch.stack([loss.detach().float(), accuracy.float(), alpha.mean().float()])
+        return torch.stack([loss.detach().float(), accuracy.float(), alpha.mean().float(), distance.float()])
 
     def run(self) -> FitResult:
         cfg, ctx = self.cfg, self.ctx
@@ -496,9 +582,9 @@ class Trainer:
                 bar = self._bar()
                 self._train_mode()
                 window, window_start, epoch_sum, epoch_n = [], time.perf_counter(), 0.0, 0
-                for images, labels in loader:
+                for batch in loader:
                     t0 = time.perf_counter()
-                    window.append(self._step(images, labels))
+                    window.append(self._step(*batch))
                     self.global_step += 1
                     self.step_in_epoch += 1
                     self.elapsed += time.perf_counter() - t0
@@ -561,7 +647,7 @@ class Trainer:
 
     def _log(self, kind: str, stats: list[float], samples_per_s: float) -> None:
         self.metrics.write({"kind": kind, "epoch": self.epoch, "step": self.global_step, "loss": stats[0],
-                            "accuracy": stats[1], "alpha": stats[2], "lr": self.last_lr,
+                            "accuracy": stats[1], "alpha": stats[2], "distill": stats[3], "lr": self.last_lr,
                             "samples_per_s": round(samples_per_s, 3), "elapsed_s": round(self.elapsed, 3)})
 
     def _install_signal_handlers(self):
@@ -610,6 +696,9 @@ class Trainer:
 # CLI
 
 
+_DEFAULTS = FitConfig(data="", out="")
+
+
 @click.command("fit")
 @click.option("--data", required=True, help="Dataset folder (identity folders, TinyFace or RecordIO) or `portraits`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (ckpt.pt, metrics.jsonl).")
@@ -629,6 +718,15 @@ class Trainer:
               help="Class centres start at each identity's clean embedding, or random.")
 @click.option("--dropout", type=float, help="Set every dropout probability (adapters and backbone).")
 @click.option("--p-clean", default=0.3, show_default=True, help="Probability a sample is left undegraded.")
+@click.option("--distill", default=_DEFAULTS.distill, show_default=True,
+              help="Weight of 1 - cos(adapted embedding, frozen embedding of the clean crop); 0: the paper's recipe.")
+@click.option("--train-centres", is_flag=True,
+              help="Let the margin head's class centres train (the paper); by default they stay at the frozen "
+                   "model's clean embeddings, where galleries live.")
+@click.option("--exclude-family", "exclude_families", multiple=True, type=click.Choice([*FAMILIES, "grayscale"]),
+              help="A degradation family never drawn in training (repeatable; leave-one-family-out).")
+@click.option("--drop-eval-identities", is_flag=True,
+              help="Drop the evaluation identities (petal_train/splits/lfw_eval.txt) the data holds, instead of refusing it.")
 @click.option("--holdout-fraction", default=0.0, show_default=True, help="Identities kept out of training (seeded).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Calibration JSON with the threshold t.")
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
@@ -640,9 +738,9 @@ class Trainer:
 @click.option("--save-every", default=0, show_default=True, help="Also checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def fit_command(no_progress: bool, **options) -> None:
+def fit_command(no_progress: bool, train_centres: bool, **options) -> None:
     """Train adapters (petal, lora), the whole backbone (full) or only the head (frozen)."""
-    result = fit(FitConfig(progress=not no_progress, **options))
+    result = fit(FitConfig(progress=not no_progress, freeze_centres=not train_centres, **options))
     if result.status == "stopped":
         sys.exit(SIGNAL_EXIT.get(result.signal, 143))
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here

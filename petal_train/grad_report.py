@@ -43,9 +43,10 @@ def first_iteration_gradients(data: str, mode: str, *, backbone: str = "sface", 
         trainer = Trainer(config, DistContext(device=resolve_device(device)))
         trainer.batches.set_epoch(0)
         trainer.dataset.set_epoch(0)
-        indices = next(iter(trainer.batches))
-        images = torch.stack([trainer.dataset[i][0] for i in indices])
-        labels = torch.tensor([trainer.dataset[i][1] for i in indices])
+        samples = [trainer.dataset[i] for i in next(iter(trainer.batches))]
+        images = torch.stack([sample[0] for sample in samples])
+        labels = torch.tensor([sample[-1] for sample in samples])
+        # Distillation adds nothing at the first iteration (the adapted model is the frozen one).
         return trainer.gradients(images, labels)
 
 

@@ -31,10 +31,23 @@ ADAPTER_KEY = "trainable_lora"
 
 
 class AlphaGate:
-    """Carries the current batch's alpha ([N, 1]) to every adapted layer."""
+    """Carries the current batch's alpha ([N, 1]) to every adapted layer, or switches them off.
+
+    `bypassed()` makes every adapted layer return its frozen base output: the frozen recognizer,
+    without a second copy of its weights (the trainer's distillation teacher).
+    """
 
     def __init__(self) -> None:
         self.alpha: torch.Tensor | None = None
+        self.bypass = False
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        previous, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = previous
 
     @contextlib.contextmanager
     def bind(self, alpha: torch.Tensor) -> Iterator[None]:
@@ -85,6 +98,8 @@ class _AdapterMixin:
             yield self.trainable_lora_down2, self.trainable_lora_up2
 
     def _adapt(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None and self.gate.bypass:
+            return base_out
         if not self.twin:
             down = self.lora_dropout(self._down(x, self.trainable_lora_down.weight))
             return base_out.add_(self._up(down, self.scale * self.trainable_lora_up.weight))

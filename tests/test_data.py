@@ -16,12 +16,14 @@ from petal_train.data import (RECORDIO_MAGIC, DegradedFaces, IRHeader, RecordIOF
 
 
 def _write_tree(root: Path, faces, identities: int, per_identity: int, size: int | None = None) -> Path:
-    """Aligned crops of real faces as root/<name>/<k>.png (optionally shrunk to `size` px)."""
+    """Aligned crops of real faces as root/person_<label>/<k>.png (optionally shrunk to `size` px).
+
+    Folder names are not the people's: LFW10's are evaluation identities, which never train."""
     for label in range(identities):
         for k, i in enumerate(np.flatnonzero(faces.labels == label)[:per_identity]):
             image = faces.images[i] if size is None else cv2.resize(faces.images[i], (size, size),
                                                                    interpolation=cv2.INTER_AREA)
-            path = root / faces.names[label] / f"{k}.png"
+            path = root / f"person_{label}" / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     return root
@@ -52,16 +54,16 @@ def test_layout_is_told_from_the_folder_structure(tmp_path):
 
 def test_identity_folders_load_aligned_with_a_seeded_identity_holdout(lfw_faces, tmp_path):
     root = _write_tree(tmp_path / "ids", lfw_faces, identities=5, per_identity=2)
-    (root / lfw_faces.names[0] / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "person_0" / "broken.jpg").write_bytes(b"not a jpeg")
     data = load_training_data(root, holdout_fraction=0.4, seed=3)
     again = load_training_data(root, holdout_fraction=0.4, seed=3)
     assert data.layout == "folders" and data.skipped.reasons["undecodable"] == 1
     assert len(data.holdout) == 2 and data.holdout == again.holdout
-    assert set(data.names) | set(data.holdout) == set(lfw_faces.names[:5])
+    assert set(data.names) | set(data.holdout) == {f"person_{label}" for label in range(5)}
     assert data.num_classes == 3 and sorted(set(data.labels.tolist())) == [0, 1, 2] and len(data) == 6
     assert data.images.shape == (6, 112, 112, 3) and data.images.dtype == np.uint8
     # Already aligned 112x112 crops pass through unchanged (PNG is lossless).
-    first = lfw_faces.images[np.flatnonzero(lfw_faces.labels == lfw_faces.names.index(data.names[0]))[0]]
+    first = lfw_faces.images[np.flatnonzero(lfw_faces.labels == int(data.names[0].split("_")[1]))[0]]
     assert np.array_equal(data.images[0], first)
 
 

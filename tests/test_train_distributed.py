@@ -31,7 +31,7 @@ from petal_train.fit import FitConfig, fit
 def four_faces(lfw_faces, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp") / "ids"
     for label in range(4):
-        path = root / lfw_faces.names[label] / "0.png"
+        path = root / f"person_{label}" / "0.png"
         path.parent.mkdir(parents=True)
         cv2.imwrite(str(path), cv2.cvtColor(lfw_faces.images[np.flatnonzero(lfw_faces.labels == label)[0]],
                                             cv2.COLOR_RGB2BGR))

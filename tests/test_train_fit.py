@@ -29,7 +29,7 @@ def tiny_tree(lfw_faces, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faces") / "ids"
     for label in range(4):
         for k, i in enumerate(np.flatnonzero(lfw_faces.labels == label)[:2]):
-            path = root / lfw_faces.names[label] / f"{k}.png"
+            path = root / f"person_{label}" / f"{k}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(path), cv2.cvtColor(lfw_faces.images[i], cv2.COLOR_RGB2BGR))
     return root
@@ -58,7 +58,7 @@ def _petal_train(*args, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_petal_trains_only_adapters_and_head_and_fills_the_run_folder(tiny_tree, iqa_file, tmp_path):
+def test_petal_trains_only_adapters_keeps_the_class_centres_and_fills_the_run_folder(tiny_tree, iqa_file, tmp_path):
     from petal_train.calibrate import calibrate_threshold
     from petal_train.data import load_training_data
     from petal_train.iqa import load_iqa
@@ -72,7 +72,7 @@ def test_petal_trains_only_adapters_and_head_and_fills_the_run_folder(tiny_tree,
     assert result.status == "max_steps" and result.step == 2
     after = backbone.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base_before.items())  # BN running stats included
-    assert not torch.equal(trainer.head.weight, head_before)
+    assert torch.equal(trainer.head.weight, head_before)  # the centres stay at the frozen model's by default
     ups = [v for k, v in after.items() if "trainable_lora_up" in k]
     assert ups and all(v.abs().sum() > 0 for v in ups)  # zero-initialised, so they moved
 
@@ -94,7 +94,16 @@ def test_petal_trains_only_adapters_and_head_and_fills_the_run_folder(tiny_tree,
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_tree, iqa_file, tmp_path):
     straight = fit(_config(tiny_tree, iqa_file, tmp_path / "a", max_steps=2))
-    fit(_config(tiny_tree, iqa_file, tmp_path / "b", max_steps=1))
+    interrupted = Trainer(_config(tiny_tree, iqa_file, tmp_path / "b", max_steps=2), DistContext())
+    first_step = interrupted._step
+
+    def step_then_sigterm(*batch):  # as if SIGTERM arrived during the first step
+        out = first_step(*batch)
+        interrupted.stop_signal = signal.SIGTERM
+        return out
+
+    interrupted._step = step_then_sigterm
+    assert interrupted.run().status == "stopped"
     with pytest.raises(PetalError, match="--resume"):
         fit(_config(tiny_tree, iqa_file, tmp_path / "b", max_steps=2))
     with pytest.raises(PetalError, match="different mode"):
@@ -161,8 +170,10 @@ def test_bad_training_input_is_refused_with_a_clear_message(tiny_tree, iqa_file,
         fit(_config(tmp_path / "nowhere", iqa_file, tmp_path / "r0"))
     with pytest.raises(PetalError, match="do not fill one batch"):
         fit(_config(tiny_tree, iqa_file, tmp_path / "r1", batch_size=16))
-    with pytest.raises(PetalError, match="rank 40 exceeds"):
-        fit(_config(tiny_tree, iqa_file, tmp_path / "r2", mode="lora", rank=40))
+    with pytest.raises(PetalError, match="rank 200 exceeds"):
+        fit(_config(tiny_tree, iqa_file, tmp_path / "r2", mode="lora", rank=200))
+    with pytest.raises(PetalError, match="unknown degradation family fog"):
+        fit(_config(tiny_tree, iqa_file, tmp_path / "r4", exclude_families=("fog",)))
     with pytest.raises(PetalError, match="IQA weights not found"):
         fit(_config(tiny_tree, tmp_path / "missing.pth", tmp_path / "r3"))
 
@@ -185,3 +196,30 @@ def test_a_calibration_file_from_petal_train_calibrate_gives_the_threshold(tmp_p
     (tmp_path / "bad.json").write_text('{"mean": 0.3}')
     with pytest.raises(PetalError, match="no threshold"):
         read_calibration(tmp_path / "bad.json")
+
+
+def test_the_paper_recipe_trains_the_class_centres(tiny_tree, iqa_file, tmp_path):
+    trainer = Trainer(_config(tiny_tree, iqa_file, tmp_path / "run", max_steps=1, freeze_centres=False, distill=0.0),
+                      DistContext())
+    head_before = trainer.head.weight.detach().clone()
+    trainer.run()
+    assert not torch.equal(trainer.head.weight, head_before)
+
+
+def _clean_drift(tree, iqa, out, **overrides) -> float:
+    """Mean 1 - cos between the trained and the frozen embedding of the training faces, undegraded."""
+    from petal_train.evaluate import load_model
+
+    result = fit(_config(tree, iqa, out, epochs=100, max_steps=40, head_init="embeddings", seed=1, **overrides))
+    images = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(tree.rglob("*.png"))])
+    trained = load_model(result.checkpoint, iqa=str(iqa), device="cpu").embed(images)
+    frozen = load_model(None, device="cpu").embed(images)
+    return float(1.0 - (trained * frozen).sum(1).mean())
+
+
+def test_distillation_holds_sharp_faces_where_the_frozen_model_puts_them(tiny_tree, iqa_file, tmp_path):
+    """40 steps on 4 identities: the paper's recipe moves undegraded faces; the default moves them less."""
+    paper = _clean_drift(tiny_tree, iqa_file, tmp_path / "paper", distill=0.0, freeze_centres=False)
+    default = _clean_drift(tiny_tree, iqa_file, tmp_path / "default")
+    assert paper > 0.01
+    assert default < 0.8 * paper
