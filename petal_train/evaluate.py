@@ -95,6 +95,65 @@ def verification(scores: np.ndarray, probe_labels: np.ndarray, gallery_labels: n
             "impostor_pairs": int((~same).sum())}
 
 
+def verification_accuracy(scores: np.ndarray, same: np.ndarray, folds: int = 10, seed: int = 0) -> dict:
+    """LFW's protocol: pairs in `folds` seeded folds; per fold the threshold that maximises accuracy
+    on the other folds is applied to it; the mean and standard deviation of the fold accuracies."""
+    scores, same = np.asarray(scores, np.float64), np.asarray(same, bool)
+    if len(scores) < folds or same.all() or not same.any():
+        raise PetalError(f"verification needs genuine and impostor pairs, at least {folds}")
+    fold = np.random.default_rng(seed).permutation(len(scores)) % folds
+    accuracies, thresholds = [], []
+    for k in range(folds):
+        train, test = fold != k, fold == k
+        threshold = _best_threshold(scores[train], same[train])
+        accuracies.append(float(((scores[test] > threshold) == same[test]).mean()))
+        thresholds.append(threshold)
+    return {"accuracy": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "folds": folds,
+            "threshold": float(np.mean(thresholds)), "genuine_pairs": int(same.sum()),
+            "impostor_pairs": int((~same).sum())}
+
+
+def _best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    """The threshold (midway between neighbouring scores) with the most pairs right."""
+    order = np.argsort(scores)
+    s, y = scores[order], same[order]
+    # Accepting everything above position i: genuine above plus impostors at or below.
+    right = np.concatenate([[0], np.cumsum(~y)]) + np.concatenate([np.cumsum(y[::-1])[::-1], [0]])
+    i = int(np.argmax(right))
+    if i == 0:
+        return float(s[0] - 1e-6)
+    if i == len(s):
+        return float(s[-1] + 1e-6)
+    return float((s[i - 1] + s[i]) / 2)
+
+
+def open_set_identification(scores: np.ndarray, probe_labels: np.ndarray, gallery_labels: np.ndarray,
+                            fars: Sequence[float] = (1e-2, 1e-1)) -> dict:
+    """Detection and identification rate (DIR) at each false-alarm rate.
+
+    Probes whose identity is not enrolled set the threshold: the score their best gallery match
+    exceeds for a fraction FAR of them. DIR is the fraction of enrolled probes whose best match is
+    their identity with a score above that threshold. None where there are fewer than 1/FAR
+    unenrolled probes.
+    """
+    scores = np.asarray(scores, np.float64)
+    probe_labels, gallery_labels = np.asarray(probe_labels), np.asarray(gallery_labels)
+    enrolled = np.isin(probe_labels, gallery_labels)
+    best = scores.max(axis=1)
+    correct = gallery_labels[scores.argmax(axis=1)] == probe_labels
+    impostor = np.sort(best[~enrolled])[::-1]
+    out = {"enrolled_probes": int(enrolled.sum()), "unenrolled_probes": int((~enrolled).sum())}
+    for far in fars:
+        k = int(np.floor(far * len(impostor)))
+        key = f"DIR@FAR={far:g}"
+        if k < 1 or not enrolled.any():
+            out[key] = None
+            continue
+        threshold = impostor[k]
+        out[key] = float((correct & (best > threshold))[enrolled].mean())
+    return out
+
+
 def plot_cmc(curves: dict[str, Sequence[float]], path: str | Path, title: str = "CMC") -> Path:
     import matplotlib
 

@@ -132,3 +132,33 @@ def test_eval_cli_prints_a_table_and_rejects_bad_probe_sizes(small_tree, tmp_pat
     assert result.exit_code != 0 and "4..112" in str(result.exception)
     with pytest.raises(PetalError, match="identity-folder tree or a TinyFace root"):
         run_eval("portraits", tmp_path / "o", device="cpu")
+
+
+def test_ten_fold_verification_is_perfect_on_separable_scores_and_chance_on_noise():
+    from petal_train.evaluate import verification_accuracy
+
+    rng = np.random.default_rng(0)
+    same = np.arange(600) < 300
+    separable = np.where(same, rng.uniform(0.5, 1.0, 600), rng.uniform(-0.2, 0.4, 600))
+    assert verification_accuracy(separable, same)["accuracy"] == 1.0
+    noise = verification_accuracy(rng.uniform(size=600), same)
+    assert 0.4 < noise["accuracy"] < 0.6 and noise["folds"] == 10
+
+
+def test_open_set_dir_counts_enrolled_probes_named_right_above_the_unenrolled_threshold():
+    from petal_train.evaluate import open_set_identification
+
+    gallery_labels = np.array([0, 1])
+    # 100 unenrolled probes (label 7) score 0.00..0.99 against the gallery: at FAR 10 % the
+    # threshold is the 11th highest, 0.89.
+    unenrolled = np.stack([np.linspace(0, 0.99, 100), np.zeros(100)], axis=1)
+    enrolled = np.array([[0.95, 0.1],   # right and above: detected and identified
+                         [0.5, 0.1],    # right, below the threshold
+                         [0.1, 0.97],   # right (label 1) and above
+                         [0.99, 0.2]])  # above, but names the wrong identity (probe is 1)
+    scores = np.concatenate([enrolled, unenrolled])
+    labels = np.concatenate([[0, 0, 1, 1], np.full(100, 7)])
+    result = open_set_identification(scores, labels, gallery_labels, fars=(0.1, 0.001))
+    assert result["DIR@FAR=0.1"] == 0.5
+    assert result["DIR@FAR=0.001"] is None  # fewer than 1/FAR unenrolled probes
+    assert result["unenrolled_probes"] == 100 and result["enrolled_probes"] == 4
