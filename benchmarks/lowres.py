@@ -185,9 +185,9 @@ class ExportedModel:
         return self.models.embed_gated(to_model_input(images))
 
 
-def exported_rows(folder: Path) -> list[tuple[str, str]]:
+def exported_rows(folder: Path, precisions: tuple[str, ...]) -> list[tuple[str, str]]:
     names = {"fp32": "recognizer.onnx", "fp16": "recognizer.fp16.onnx", "int8": "recognizer.int8.onnx"}
-    return [(f"onnx-{p}", p) for p, name in names.items() if (folder / name).is_file()]
+    return [(f"onnx-{p}", p) for p, name in names.items() if p in precisions and (folder / name).is_file()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,10 +241,12 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
         out.append(f"| {row} | " + " | ".join(cells) + " |")
     out += ["", "### Each degradation family alone (rank-1 %, mean of 16/20/24/32 px; worst size in brackets "
             "as the change against frozen)", ""]
-    families = sorted({k.split("@")[0] for k in next(iter(results.values()))["families"]})
+    families = sorted({k.split("@")[0] for r in results.values() for k in r["families"]})
     out += ["| row | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
     frozen = results.get("frozen")
     for row, r in results.items():
+        if not r["families"]:
+            continue  # a row evaluated with --no-families
         cells = []
         for f in families:
             values = [r["families"][f"{f}@{px}"] for px in PROBE_PX]
@@ -279,16 +281,21 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
               help="Calibration JSON for the petal rows (default: calibrated on the training part).")
 @click.option("--exported", type=click.Path(exists=True, file_okay=False),
               help="Also evaluate this petal-export folder's graphs through petal_runtime (ONNX Runtime).")
+@click.option("--precisions", default="fp32,fp16,int8", show_default=True,
+              help="Which exported recognizer graphs --exported evaluates.")
+@click.option("--families/--no-families", default=True, show_default=True,
+              help="Run the family sweep (60 conditions); without it only the main conditions.")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
 def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: str | None, calibration: str | None,
-         exported: str | None, runs: str, out: str) -> None:
+         exported: str | None, precisions: str, families: bool, runs: str, out: str) -> None:
     """Train (where needed) and evaluate every row; print the markdown tables."""
     if not (SHARED_FACES / "lfw").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
     started = time.time()
     lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
-    protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed)
+    protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed,
+                              EVAL_FAMILIES if families else ())
     del lfw
     print(f"protocol: {len(protocol.gallery)} gallery entries, {len(protocol.probes)} probes, "
           f"{len(protocol.conditions)} conditions ({time.time() - started:.0f} s)", flush=True)
@@ -310,7 +317,7 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
                   "batch": batch, "seed": seed, "result": result}
         atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     if exported:
-        for row, precision in exported_rows(Path(exported)):
+        for row, precision in exported_rows(Path(exported), tuple(precisions.split(","))):
             model = ExportedModel(Path(exported), precision)
             result = evaluate_row(model, protocol)
             print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
