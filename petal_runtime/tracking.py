@@ -61,6 +61,7 @@ class Track:
     score: float = float("nan")
     top_k: list[tuple[str, float]] = field(default_factory=list)
     merged_ids: list[int] = field(default_factory=list)
+    decision: object | None = None  # openset.Decision behind `identity` (FAR, threshold, quality)
 
     def predict(self, frame: int) -> np.ndarray:
         steps = max(0, frame - self.last_frame)
