@@ -293,12 +293,6 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
     if not (SHARED_FACES / "lfw").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
     started = time.time()
-    lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
-    protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed,
-                              EVAL_FAMILIES if families else ())
-    del lfw
-    print(f"protocol: {len(protocol.gallery)} gallery entries, {len(protocol.probes)} probes, "
-          f"{len(protocol.conditions)} conditions ({time.time() - started:.0f} s)", flush=True)
     recipes = dict(RECIPES)
     if lofo_family != "none":
         recipes[f"petal-lofo-{lofo_family}"] = {"mode": "petal", "exclude_families": (lofo_family,)}
@@ -306,6 +300,14 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
     wanted = [r for r in rows.split(",") if r]
     if lofo_family != "none" and "petal" in wanted:  # right after petal: the gain it must keep
         wanted.insert(wanted.index("petal") + 1, f"petal-lofo-{lofo_family}")
+    protocol = None
+    if wanted or exported:  # `--rows ""` alone only merges the saved rows into the tables
+        lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
+        protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed,
+                                  EVAL_FAMILIES if families else ())
+        del lfw
+        print(f"protocol: {len(protocol.gallery)} gallery entries, {len(protocol.probes)} probes, "
+              f"{len(protocol.conditions)} conditions ({time.time() - started:.0f} s)", flush=True)
     for row in wanted:
         if row != "frozen" and row not in recipes:
             raise SystemExit(f"error: unknown row {row!r}; choose from {', '.join(['frozen', *recipes])}")
