@@ -27,8 +27,11 @@ PYIQA_CNNIQA_KEYS = {
 }
 
 # Measured with the shipped weights (see petal_train/weights/iqa_faces.json): lfw10, 3 degrade()
-# samples per face, seed 0 -> 0.88; the bound leaves room for another platform's rounding.
-LFW_SPEARMAN_BOUND = 0.80
+# samples per face, seed 0 -> 0.88 under the degradation model they were trained on, 0.71 under
+# today's composition of every family (turbulence, interlacing, H.264, ... that the shipped IQA never
+# saw; retraining it on them is open, see README "The quality gate"). The bound leaves room for
+# another platform's rounding and fails if the gate gets worse than it is.
+LFW_SPEARMAN_BOUND = 0.68
 
 
 def pyiqa_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
