@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .annotate import for_display
-from .errors import PetalError, exit_on_user_error
+from .errors import INTERRUPTS, PetalError, exit_on_user_error, interrupt_exit_code
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -97,11 +97,81 @@ def _finite(value):
     return value
 
 
-def _write_json(path: Path, report: dict) -> None:
-    from .files import atomic_write_text
+def frames_path(json_out: Path) -> Path:
+    """Where petal-run streams per-frame results (JSON lines) beside its report: r.json -> r.frames.jsonl."""
+    json_out = Path(json_out)
+    stem = json_out.name[:-len(".json")] if json_out.name.endswith(".json") else json_out.name
+    return json_out.with_name(stem + ".frames.jsonl")
 
+
+def _check_outputs(inputs: dict[str, Path | None], outputs: dict[str, Path | None]) -> None:
+    """Before any work: every output writable, none of them an input (same path or inode) or another output."""
+    from .files import check_writable, same_file
+
+    given = {k: Path(v) for k, v in outputs.items() if v is not None}
+    for label, out in given.items():
+        for name, source in inputs.items():
+            if source is not None and same_file(out, source):
+                raise PetalError(f"{label} {out} is the {name}: refusing to overwrite an input")
+        for other, path in given.items():
+            if other < label and same_file(out, path):
+                raise PetalError(f"{label} and {other} are the same file ({out}); give each output its own name")
+        check_writable(out, label)
+
+
+class _FramesLog:
+    """Per-frame results as JSON lines, appended and flushed as they are produced (a crash keeps
+    them; memory stays flat on an endless stream). Track ids are those known at the time; the
+    report's copy maps them to the canonical ids of merged tracks."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.count = 0
+        self._handle = None
+        if path is not None:
+            try:
+                self._handle = open(path, "w", encoding="utf-8")
+            except OSError as exc:
+                raise PetalError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def write(self, frame: dict) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(_finite(frame), allow_nan=False) + "\n")
+            self._handle.flush()
+            self.count += 1
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def frames(self, canonical=None):
+        """The logged frames again, one at a time, with track ids mapped through `canonical`."""
+        if self.path is None or not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    frame = json.loads(line)
+                except ValueError:  # a line cut by a crash
+                    continue
+                if canonical is not None:
+                    for face in frame["faces"]:
+                        face["track_id"] = canonical(face["track_id"])
+                yield frame
+
+
+def _write_report(path: Path, report: dict, frames) -> None:
+    """The report as JSON, its "frames" list streamed from `frames` (an iterable of dicts), atomically."""
+    from .files import atomic_path
+
+    head = json.dumps(_finite({k: v for k, v in report.items() if k != "frames"}), indent=1, allow_nan=False)
     try:
-        atomic_write_text(path, json.dumps(_finite(report), indent=1, allow_nan=False))
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(head[:-2] + ',\n "frames": [')  # head ends in "\n}"
+            for i, frame in enumerate(frames):
+                handle.write(("\n  " if i == 0 else ",\n  ") + json.dumps(frame, allow_nan=False))
+            handle.write("\n ]\n}")
     except OSError as exc:
         raise PetalError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -111,10 +181,10 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 
     try:
         meta = json.loads(meta_path(gallery).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
-    folder = meta.get("models_dir")
-    return Path(folder) if folder and Path(folder).is_dir() else None
+    folder = meta.get("models_dir") if isinstance(meta, dict) else None
+    return Path(folder) if isinstance(folder, str) and folder and Path(folder).is_dir() else None
 
 
 # ----------------------------------------------------------------------------- petal-run
@@ -154,8 +224,10 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
               help="Which exported variant to run (default: FP32 ONNX, or the best TensorRT engine).")
 @click.option("--threads", type=int, default=None,
               help="Threads per ONNX Runtime session (default: 1 for IQA, all cores for the recognizer).")
-@click.option("--max-frames", type=int, default=None, help="Stop after this many frames (streams, cameras).")
-@click.option("--no-frames", is_flag=True, help="Leave the per-frame list out of the JSON.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None,
+              help="Decode this many frames, then stop (streams, cameras).")
+@click.option("--no-frames", is_flag=True,
+              help="Leave the per-frame list out of the JSON (and write no .frames.jsonl).")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr (default: on a terminal).")
 def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, far, threshold, calibration_path,
             top_k, min_face, detect_every, selection, per_track, min_track_frames, drop, precision, threads,
@@ -173,12 +245,18 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
         raise PetalError("give either --far (a false-alarm target) or --threshold (a fixed cosine), not both")
     _quiet_opencv()
     json_out = json_out or Path(f"{Path(str(video)).name}.petal.json")
+    frames_out = None if no_frames else frames_path(json_out)
+    from .gallery import meta_path
+
+    local_video = Path(str(video)) if Path(str(video)).exists() else None
+    _check_outputs({"input video": local_video, "gallery": gallery_path, "gallery's .json": meta_path(gallery_path)},
+                   {"--json": json_out, "--annotate": annotate_out, "per-frame log": frames_out})
     report: dict = {"source": str(video), "status": "error", "error": None, "models": None, "gallery": str(gallery_path),
                     "tracks": [], "frames": [], "stats": {}, "source_stats": {}}
     pipeline = None
     source = None
     writer = None
-    frames: list[dict] = []
+    frames = _FramesLog(None)
     exit_code = 0
     started = time.perf_counter()
     bar = None
@@ -205,9 +283,16 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
                             "precision": precision or pipeline.models.manifest.precision,
                             "contract_version": pipeline.models.manifest.contract_version}
         report["gallery"] = {"path": str(gallery_path), "identities": len(pipeline.gallery)}
+        if len(pipeline.gallery) == 0:
+            message = f"the gallery {gallery_path} holds no identities: every face will be unknown"
+            click.echo(f"warning: {message}", err=True)
+            report.setdefault("warnings", []).append(message)
         report["open_set"] = pipeline.open_set.describe()
         source = open_source(video)
+        source.limit = max_frames
         report["source_info"] = source.describe()
+        frames = _FramesLog(frames_out)
+        report["frames_file"] = str(frames_out) if frames_out else None
         if annotate_out is not None:
             from .annotate import VideoWriter
 
@@ -218,17 +303,14 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
         if writer is not None:
             from .annotate import draw_faces as draw
         for result in pipeline.run(source, keep_images=writer is not None):
-            if not no_frames:
-                frames.append(result.to_dict())
+            frames.write(result.to_dict())
             if writer is not None:
                 writer.write(draw(result.image, result.faces, result.index))
             bar.update(pipeline.stats.frames, len(pipeline.tracker.tracks))
-            if max_frames is not None and pipeline.stats.frames >= max_frames:
-                break
         report["status"] = "complete"
-    except KeyboardInterrupt:
+    except INTERRUPTS as exc:
         report["status"] = "interrupted"
-        exit_code = 130
+        exit_code = interrupt_exit_code(exc)
     except PetalError as exc:
         report["error"] = str(exc)
         processed = pipeline.stats.frames if pipeline is not None else 0
@@ -250,21 +332,24 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
                 report["annotated_video"] = str(written) if written else None
             except Exception as exc:  # the report must still be written
                 report["annotated_video_error"] = str(exc)
+        frames.close()
+        canonical = None
         if pipeline is not None:
             canonical = pipeline.canonical
-            for frame in frames:
-                for face in frame["faces"]:
-                    face["track_id"] = canonical(face["track_id"])
             tracks = [t.to_dict() for t in pipeline.tracks(min_frames=min_track_frames)]
             report["tracks"] = tracks
             report["stats"] = {**pipeline.stats.to_dict(),
                                "short_tracks_left_out": len(pipeline.tracks()) - len(tracks)}
             pipeline.close()
-        report["frames"] = frames
         report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
-        _write_json(json_out, report)
+        nothing = None
+        if report["status"] == "complete" and not report["stats"].get("frames"):
+            detail = "; ".join((report.get("source_stats") or {}).get("errors", [])[:2])
+            nothing = f"no frame could be decoded from {video}" + (f" ({detail})" if detail else "")
+            report["status"], report["error"] = "error", nothing
+        _write_report(json_out, report, frames.frames(canonical))
     processed = report["stats"].get("frames", 0)
-    if report["status"] in ("complete", "interrupted", "partial"):
+    if report["status"] in ("complete", "interrupted", "partial") and report.get("models"):
         click.echo(_track_table(report["tracks"]))
         stats = report["stats"]
         click.echo(f"{processed} frames, {stats.get('faces', 0)} faces, recognizer on {stats.get('recognized', 0)} "
@@ -279,12 +364,11 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
         click.echo(f"warning: {report['stats']['dropped_frames']} frames dropped (the pipeline fell behind)", err=True)
     click.echo(f"results: {json_out}" + (f", annotated video: {report['annotated_video']}"
                                           if report.get("annotated_video") else ""), err=True)
-    if report["status"] == "complete" and processed == 0:
-        detail = "; ".join(src.get("errors", [])[:2])
-        raise PetalError(f"no frame could be decoded from {video}" + (f" ({detail})" if detail else ""))
-    if exit_code == 130:
+    if nothing:
+        raise PetalError(nothing)
+    if exit_code in (130, 143):
         click.echo("interrupted", err=True)
-        sys.exit(130)  # click would turn a re-raised KeyboardInterrupt into "Aborted!" and 1
+        sys.exit(exit_code)  # click would turn a re-raised KeyboardInterrupt into "Aborted!" and 1
     if exit_code:
         if exit_code == 1:
             click.echo(f"error: {report['error']} (after {processed} frames)", err=True)
@@ -373,8 +457,13 @@ def _stale_calibration_note(gallery_path: Path, gallery) -> None:
 def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, faces, max_faces: int,
                   gallery_photos: bool, seed: int, backend: str) -> None:
     """Build a gallery from FOLDER/<identity>/<images> (each identity's images are averaged)."""
-    from .gallery import build_gallery
+    from .files import check_writable
+    from .gallery import build_gallery, meta_path
 
+    if out.suffix != ".npy":
+        raise PetalError(f"gallery files end in .npy (numpy would append it): {out}")
+    check_writable(out, "gallery")
+    check_writable(meta_path(out), "gallery metadata")
     with _open_models(models_dir, backend) as models:
         gallery, report = build_gallery(models, folder, progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
         gallery.meta["models_dir"] = str(models_dir.resolve())
@@ -420,26 +509,32 @@ def gallery_calibrate(gallery_path: Path, faces, models_dir, max_faces: int, gal
 @_backend_option
 def gallery_add(gallery_path: Path, sources, name, models_dir, backend) -> None:
     """Add people (or more images of people already in it) to a gallery."""
-    from .gallery import EmbedReport, Gallery, ImageFaceAligner, embed_images, identity_folders, image_files
+    from .files import check_writable
+    from .gallery import EmbedReport, Gallery, ImageFaceAligner, embed_images, identity_folders, image_files, meta_path
 
     models_dir = models_dir or _models_dir_from_gallery(gallery_path)
     if models_dir is None:
         raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
     with _open_models(models_dir, backend) as models:
-        gallery = Gallery.load(gallery_path, models.fingerprint)
+        Gallery.load(gallery_path, models.fingerprint)  # refuse a wrong gallery before the embedding work
+        check_writable(gallery_path, "gallery")
+        check_writable(meta_path(gallery_path), "gallery metadata")
         report, aligner = EmbedReport(), ImageFaceAligner()
         groups = {name: image_files(sources)} if name else {
             k: v for root in sources for k, v in identity_folders(root).items()}
-        added = []
+        people = {}
         for person, paths in groups.items():
             embeddings = embed_images(models, paths, aligner, report)
             if len(embeddings):
+                people[person] = embeddings
+        _report_skips(report)
+        if not people:
+            raise PetalError("no face found in the given images; the gallery is unchanged")
+        # Read-modify-write under the gallery's lock: a concurrent add is never lost.
+        with Gallery.locked(gallery_path, models.fingerprint) as gallery:
+            for person, embeddings in people.items():
                 gallery.add(person, embeddings)
-                added.append(f"{person} ({len(embeddings)})")
-        gallery.save(gallery_path)
-    _report_skips(report)
-    if not added:
-        raise PetalError("no face found in the given images; the gallery is unchanged")
+    added = [f"{person} ({len(embeddings)})" for person, embeddings in people.items()]
     click.echo(f"{gallery_path}: added {', '.join(added)}; {len(gallery)} identities")
     _stale_calibration_note(gallery_path, gallery)
 
@@ -451,9 +546,8 @@ def gallery_remove(gallery_path: Path, names) -> None:
     """Remove identities by name."""
     from .gallery import Gallery
 
-    gallery = Gallery.load(gallery_path)
-    gallery.remove(names)
-    gallery.save(gallery_path)
+    with Gallery.locked(gallery_path) as gallery:
+        gallery.remove(names)
     click.echo(f"{gallery_path}: removed {', '.join(names)}; {len(gallery)} identities")
     _stale_calibration_note(gallery_path, gallery)
 

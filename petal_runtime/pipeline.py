@@ -286,6 +286,21 @@ def _nms(detections: list[Detection], threshold: float) -> list[Detection]:
     return kept
 
 
+def check_frame(image) -> None:
+    """Refuse what process() cannot analyse correctly, instead of finding no faces in it silently."""
+    if not isinstance(image, np.ndarray):
+        raise PetalError(f"process() takes a numpy BGR image (uint8 [H, W, 3]), got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise PetalError(f"process() takes a BGR image [H, W, 3], got shape {list(image.shape)}"
+                         + (" (grey: cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))" if image.ndim == 2 else ""))
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise PetalError(f"process() got an empty image of shape {list(image.shape)}")
+    if image.dtype != np.uint8:
+        hint = ("(np.clip(image * 255, 0, 255).astype(np.uint8) for floats in 0..1)" if image.dtype.kind == "f"
+                else "(image >> 8).astype(np.uint8) for 16-bit frames" if image.dtype == np.uint16 else "")
+        raise PetalError(f"process() takes 8-bit frames (uint8, 0..255), got {image.dtype}; convert first {hint}".rstrip())
+
+
 class Pipeline:
     def __init__(self, models: Models, gallery: Gallery | None = None, config: PipelineConfig | None = None,
                  detector_model: str | Path | None = None,
@@ -429,9 +444,12 @@ class Pipeline:
 
     # --- public API
     def process(self, image: np.ndarray, index: int | None = None, time_s: float | None = None) -> list[FaceResult]:
-        """Analyse one BGR frame synchronously; frames of one stream must come in order."""
-        if image is None or image.ndim != 3 or image.shape[2] != 3:
-            raise PetalError(f"process() takes a BGR image [H, W, 3], got {None if image is None else image.shape}")
+        """Analyse one BGR frame synchronously; frames of one stream must come in order.
+
+        `image`: a numpy uint8 array [H, W, 3], BGR (what OpenCV and PyAV's bgr24 give); anything else
+        (a list, another dtype, an empty or grey image) is a PetalError saying how to convert it.
+        """
+        check_frame(image)
         if index is None:
             index = self._frame_counter
         self._frame_counter = index + 1
@@ -530,8 +548,9 @@ class Pipeline:
             src.stop()
             # Analysis and recognition finish the item in hand and stop at their next queue operation;
             # waiting for them keeps a later run (or reset()) from sharing state with them. The reader
-            # may sit in a network read: it gets a few seconds, then is left to die with the source.
-            threads[0].join(timeout=5.0)
+            # may sit in a network read: it gets a second, then is left to end with the source's timeout
+            # (closing the source meanwhile is safe: the reading thread closes the container itself).
+            threads[0].join(timeout=1.0)
             for t in threads[1:]:
                 t.join()
             self.stats.dropped_frames = frames_q.dropped

@@ -311,6 +311,8 @@ class StreamSource(Source):
         box: dict = {}
 
         def target() -> None:
+            if self._closed.is_set():  # stopped (or interrupted) before this attempt began
+                return
             try:
                 box["container"] = self._opener()
             except BaseException as exc:  # handed to the waiting thread
@@ -319,8 +321,8 @@ class StreamSource(Source):
                 box.pop("container").close()
 
         helper = threading.Thread(target=target, name="petal-connect", daemon=True)
-        helper.start()
         try:
+            helper.start()
             while helper.is_alive():
                 helper.join(0.05)
                 if self._closed.is_set():
@@ -333,6 +335,13 @@ class StreamSource(Source):
         return box.get("container")
 
     def _connect(self, first: bool = False) -> _PyAVReader | None:
+        try:
+            return self._connect_attempts(first)
+        except BaseException:  # Ctrl-C, SIGTERM: no further attempt may start
+            self._closed.set()
+            raise
+
+    def _connect_attempts(self, first: bool) -> _PyAVReader | None:
         av = _av()
         attempt = 0
         delay = self.backoff[0]
