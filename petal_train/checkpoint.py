@@ -7,6 +7,7 @@ primitives, loaded with `torch.load(weights_only=True)`, and written atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,48 @@ def load_checkpoint(path: str | Path) -> AdapterCheckpoint:
     """Read a checkpoint safely (weights_only); any damage becomes a one-line PetalError."""
     path = Path(path)
     data = load_torch_file(path, "checkpoint", "PETAL checkpoint")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or not isinstance(data.get("format"), str) or data["format"] != FORMAT:
         raise PetalError(f"{path} is not a PETAL adapter checkpoint")
-    if data.get("version") != VERSION:
-        raise PetalError(f"{path} has checkpoint version {data.get('version')}, expected {VERSION}")
+    version = data.get("version")
+    if type(version) is not int or version != VERSION:  # noqa: E721 - a tensor or bool is no version
+        shown = version if isinstance(version, (int, str, float, type(None))) else type(version).__name__
+        raise PetalError(f"{path} has checkpoint version {shown}, expected {VERSION}")
+    _check_structure(data, path)
     return AdapterCheckpoint.from_dict(data)
+
+
+def _check_structure(data: dict, path: Path) -> None:
+    """The fields from_dict reads, with their types: a damaged or hand-edited file is a PetalError
+    naming the field, never a KeyError or TypeError from deep inside."""
+    from petal_runtime.schema import check_value, kind_of
+
+    def fail(what: str) -> None:
+        raise PetalError(f"{path} is not a valid PETAL checkpoint: {what}")
+
+    for key in ("backbone", "base_sha256", "lora"):
+        if key not in data:
+            fail(f"it lacks {key}")
+    for key, annotation in (("backbone", "str"), ("base_sha256", "str"), ("lora", "dict[str, Any]"),
+                            ("iqa", "dict[str, Any]"), ("adapters", "dict[str, Any]"), ("head", "dict[str, Any]"),
+                            ("backbone_state", "dict[str, Any]"), ("training", "dict[str, Any]"),
+                            ("progress", "dict[str, Any]")):
+        if key in data:
+            check_value(data[key], annotation, f"{path}: {key}")
+    for key in ("adapters", "head", "backbone_state"):
+        for name, value in data.get(key, {}).items():
+            if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                fail(f"{key} should map names to tensors, found {kind_of(name)} -> {kind_of(value)}")
+    lora = data["lora"]
+    fields = {f.name: str(f.type) for f in dataclasses.fields(LoRAConfig)}
+    unknown = sorted(map(str, set(lora) - set(fields)))
+    if unknown:
+        fail(f"lora has unknown fields {', '.join(unknown)}")
+    for key, annotation in fields.items():
+        if key in lora:
+            check_value(lora[key], annotation, f"{path}: lora.{key}")
+    targets = lora.get("targets", [])
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        fail("lora.targets should be a list of strings")
+    for key, annotation in (("sha256", "str"), ("threshold", "float"), ("alpha_clip", "bool")):
+        if key in data.get("iqa", {}):
+            check_value(data["iqa"][key], annotation, f"{path}: iqa.{key}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import PetalError
-from ...files import atomic_path
+from ...files import atomic_path, first_line
 
 MAGIC = b"PETALTRT"
 HEADER_FORMAT = 1
@@ -106,9 +106,12 @@ def unpack_engine(data: bytes, source: str = "engine") -> tuple[EngineHeader, by
     if length > MAX_HEADER or start + length > len(data):
         raise PetalError(f"{source} is truncated or damaged (header length {length})")
     try:
-        header = EngineHeader.from_dict(json.loads(data[start:start + length].decode()))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PetalError(f"{source} has a damaged engine header ({exc})") from None
+        fields = json.loads(data[start:start + length].decode())
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object, found {type(fields).__name__}")
+        header = EngineHeader.from_dict(fields)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PetalError(f"{source} has a damaged engine header ({first_line(exc, 120)})") from None
     engine = data[start + length:]
     if not engine:
         raise PetalError(f"{source} holds a header but no engine (truncated)")
