@@ -13,10 +13,11 @@ every trained row learns from the rest of LFW (`--drop-eval-identities`). Protoc
   FAR 1 % and 10 % with the last 100 evaluation identities left out of the gallery.
 - Families: one probe of every 4th identity degraded by one family alone (each of degrade.FAMILIES; clean
   downsampling with each common interpolation; grayscale) at each size: "never worse than frozen".
-- Leave-one-family-out: a petal run trained without one family (`--lofo-family`) tested on it.
+- Leave-one-family-out: a petal-distill run trained without one family (`--lofo-family`) tested on it.
 
-Rows: frozen; full, lora and petal-paper (the paper's recipe: margin loss, centres that train);
-petal (the default recipe: frozen centres + distillation); petal-lofo-<family>; and, with
+Rows: frozen; petal (the default: the paper's recipe, margin loss with centres that train), lora
+and full (the same recipe); petal-distill (frozen centres + distillation toward the frozen model);
+petal-distill-lofo-<family>; and, with
 --exported DIR, the exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
 
     python benchmarks/lowres.py                        # train what is missing, evaluate every row
@@ -57,11 +58,12 @@ FAMILY_STRIDE = 4  # the family sweep probes every 4th identity (100 probes per 
 EVAL_FAMILIES = (*FAMILIES, *(f"downsample-{i}" for i in ("nearest", "linear", "area", "cubic", "lanczos")),
                  "grayscale")
 # The recipes. Every trained row: the LFW training part, the same steps, batch and seed.
+DISTILL = {"distill": 32.0, "freeze_centres": True}  # the anti-forgetting terms, measured against the default
 RECIPES = {
-    "petal": {"mode": "petal"},  # FitConfig's defaults: frozen centres, distillation
-    "lora": {"mode": "lora", "distill": 0.0, "freeze_centres": False},
-    "full": {"mode": "full", "distill": 0.0, "freeze_centres": False},
-    "petal-paper": {"mode": "petal", "distill": 0.0, "freeze_centres": False},
+    "petal": {"mode": "petal"},  # FitConfig's defaults: the paper's recipe (the shipped default)
+    "lora": {"mode": "lora"},
+    "full": {"mode": "full"},
+    "petal-distill": {"mode": "petal", **DISTILL},
 }
 ROWS = ("frozen", *RECIPES)
 
@@ -256,8 +258,8 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
                 cell += f" ({100 * worst:+.1f})"
             cells.append(cell)
         out.append(f"| {row} | " + " | ".join(cells) + " |")
-    if lofo and frozen is not None and "petal" in results and f"petal-lofo-{lofo}" in results:
-        held, base = results[f"petal-lofo-{lofo}"], results["petal"]
+    if lofo and frozen is not None and "petal-distill" in results and f"petal-distill-lofo-{lofo}" in results:
+        held, base = results[f"petal-distill-lofo-{lofo}"], results["petal-distill"]
         gain = lambda r: np.mean([r["families"][f"{lofo}@{px}"] - frozen["families"][f"{lofo}@{px}"]  # noqa: E731
                                   for px in PROBE_PX])
         g_in, g_out = gain(base), gain(held)
@@ -295,11 +297,11 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
     started = time.time()
     recipes = dict(RECIPES)
     if lofo_family != "none":
-        recipes[f"petal-lofo-{lofo_family}"] = {"mode": "petal", "exclude_families": (lofo_family,)}
+        recipes[f"petal-distill-lofo-{lofo_family}"] = {"mode": "petal", **DISTILL, "exclude_families": (lofo_family,)}
     out_dir = Path(out)
     wanted = [r for r in rows.split(",") if r]
-    if lofo_family != "none" and "petal" in wanted:  # right after petal: the gain it must keep
-        wanted.insert(wanted.index("petal") + 1, f"petal-lofo-{lofo_family}")
+    if lofo_family != "none" and "petal-distill" in wanted:  # right after its recipe: the gain it must keep
+        wanted.insert(wanted.index("petal-distill") + 1, f"petal-distill-lofo-{lofo_family}")
     protocol = None
     if wanted or exported:  # `--rows ""` alone only merges the saved rows into the tables
         lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
