@@ -36,5 +36,5 @@ def test_default_adapters_recognise_low_resolution_lfw_faces_better_than_the_fro
 
     frozen, petal = rank1(None), rank1(DEFAULT)
     assert petal["20px"] >= frozen["20px"] + 0.05, (frozen, petal)  # measured: 0.789 -> 0.878
-    assert petal["24px"] > frozen["24px"], (frozen, petal)          # measured: 0.944 -> 0.989
+    assert petal["24px"] > frozen["24px"], (frozen, petal)          # measured: 0.944 -> 0.978
     assert petal["clean"] >= frozen["clean"] - 0.012, (frozen, petal)  # at most one probe of 90 lost
