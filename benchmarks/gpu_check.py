@@ -20,7 +20,7 @@ Steps, each recorded as ok / failed / skipped with the reason (a failed step nev
 On a machine without a GPU it runs what it can (the export without engines, ONNX Runtime on the CPU)
 and says what is missing. Everything stops at --budget seconds (default 450, under the 8 minutes a
 device run is given); steps left are reported as skipped. The low-resolution rank-1 check of the
-issue is not part of this script: run `python benchmarks/lowres.py --modes "" --exported DIR`.
+issue is not part of this script: run `python benchmarks/lowres.py --rows "" --exported DIR --no-families`.
 """
 from __future__ import annotations
 
