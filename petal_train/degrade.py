@@ -23,7 +23,6 @@ from typing import Callable
 import cv2
 import numpy as np
 
-INTERPOLATIONS = (cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_AREA, cv2.INTER_CUBIC)
 DOWN_INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA,
                        "cubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
 UP_INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA}
