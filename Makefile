@@ -21,13 +21,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed
 
 models: venv
-	$(BIN)/petal-train models fetch
+	$(BIN)/petal-models fetch
 
 test: models
 	$(BIN)/python -m pytest -q -ra
 
 demo: models
-	$(BIN)/python -m petal_train.demo
+	$(BIN)/python -m petal_demo
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -181,7 +181,7 @@ def int8_graph(models: Path, faces: np.ndarray, workdir: Path) -> tuple[Path | N
 def eager_recognizer(manifest: dict, checkpoint: str | None):
     """The PyTorch model the export came from: --checkpoint, else the shipped default when the
     manifest's checkpoint hash matches it, else the untrained PETAL SFace of the same size (noted)."""
-    from petal_export.export import default_checkpoint_path
+    from petal_train.default import default_checkpoint_path
     from petal_runtime.files import sha256_file
     from petal_train.evaluate import load_model
     from petal_train.model import build_recognizer

