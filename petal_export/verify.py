@@ -47,10 +47,10 @@ class TorchRunner(Runner):
         self.module.eval()
 
     def inputs(self) -> list[TensorInfo]:
-        return [TensorInfo(n, np.dtype(np.float32), ()) for n in self.input_names]
+        return [TensorInfo(n, np.dtype(np.float32), None) for n in self.input_names]
 
     def outputs(self) -> list[TensorInfo]:
-        return [TensorInfo(self.output_name, np.dtype(np.float32), ())]
+        return [TensorInfo(self.output_name, np.dtype(np.float32), None)]
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():

@@ -19,6 +19,15 @@ class PetalError(Exception):
     exit_code = 2
 
 
+class InternalError(RuntimeError):
+    """A bug in PETAL itself (a broken invariant, an API used out of order), not something the user can fix:
+    never caught as a PetalError, so its traceback reaches whoever reports it."""
+
+
+class FeedError(PetalError, ValueError):
+    """Inputs handed to a runner that do not fit its graph (names, dtype, shape, batch): the caller's mistake."""
+
+
 class ModelsMissingError(PetalError):
     """Model files are absent from the cache; the message names the command that fetches them."""
 

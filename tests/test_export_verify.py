@@ -38,8 +38,8 @@ class Wrapped(Runner):
 
     def activate_impl(self): pass
     def deactivate_impl(self): pass
-    def inputs(self): return [TensorInfo(n, np.dtype(np.float32), ()) for n in self._inputs]
-    def outputs(self): return [TensorInfo(self.output, np.dtype(np.float32), ())]
+    def inputs(self): return [TensorInfo(n, np.dtype(np.float32), None) for n in self._inputs]
+    def outputs(self): return [TensorInfo(self.output, np.dtype(np.float32), None)]
     def infer_impl(self, feed): return {self.output: self.fn(feed)}
 
 

@@ -48,6 +48,34 @@ def test_onnxrt_runner_named_inputs_and_outputs(models_dir):
         runner.infer({"image": faces, "alpha": np.zeros((3, 1), np.float32)})
 
 
+@pytest.mark.parametrize("case, feed, message", [
+    ("wrong size", {"image": np.zeros((2, 3, 64, 64), np.float32), "alpha": np.zeros((2, 1), np.float32)},
+     r"image has shape \[2, 3, 64, 64\], expected float32 \[N, 3, 112, 112\]"),
+    ("wrong rank", {"image": np.zeros((3, 112, 112), np.float32), "alpha": np.zeros((1, 1), np.float32)},
+     "image has shape"),
+    ("strings", {"image": np.full((1, 3, 112, 112), "x"), "alpha": np.zeros((1, 1), np.float32)},
+     "image is <U1, expected float32"),
+    ("complex", {"image": np.zeros((1, 3, 112, 112), np.complex64), "alpha": np.zeros((1, 1), np.float32)},
+     "image is complex64"),
+    ("a list", {"image": [[0.0]], "alpha": np.zeros((1, 1), np.float32)}, "must be a numpy array, got list"),
+    ("batches differ", {"image": np.zeros((2, 3, 112, 112), np.float32), "alpha": np.zeros((3, 1), np.float32)},
+     "disagree on the batch size"),
+])
+def test_onnxrt_runner_checks_dtype_and_shape_not_only_names(models_dir, case, feed, message):
+    """The caller's mistakes are one-line PetalErrors (FeedError) naming what was expected, not onnxruntime's."""
+    from petal_runtime.errors import FeedError, InternalError
+
+    with OnnxrtRunner(SessionFromOnnx(models_dir / "recognizer.onnx")) as runner:
+        with pytest.raises(FeedError, match=message) as caught:
+            runner.infer(feed)
+        assert isinstance(caught.value, PetalError) and "\n" not in str(caught.value)
+        ok = {"image": np.zeros((1, 3, 112, 112), np.float64), "alpha": np.zeros((1, 1), np.float16)}
+        assert runner.infer(ok)["embedding"].shape == (1, 128)  # same-kind casts still run
+    with pytest.raises(InternalError, match="not active"):  # a bug in whoever drives the runner
+        runner.infer(ok)
+    assert not issubclass(InternalError, PetalError)
+
+
 def test_onnxrt_missing_or_bad_file_is_a_user_error(tmp_path):
     with pytest.raises(PetalError, match="not found"):
         SessionFromOnnx(tmp_path / "nope.onnx")()

@@ -14,9 +14,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
+
+from ..errors import FeedError, InternalError
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class TensorInfo:
 
     name: str
     dtype: np.dtype
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None  # None: rank unknown (a PyTorch module), nothing checked
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "[" + ", ".join("N" if d is None else str(d) for d in self.shape) + "]"
+        return f"{self.dtype} {dims}"
 
 
 class Runner(abc.ABC):
@@ -59,12 +65,37 @@ class Runner(abc.ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on named inputs; returns every output by name. The batch may be of any size."""
         if not self.is_active:
-            raise RuntimeError(f"runner {self.name} is not active: call activate() or use it in a with block")
-        expected = {t.name for t in self.inputs()}
-        missing, extra = expected - feed.keys(), feed.keys() - expected
-        if missing or extra:
-            raise ValueError(f"runner {self.name} takes inputs {sorted(expected)}, got {sorted(feed)}")
+            raise InternalError(f"runner {self.name} is not active: call activate() or use it in a with block")
+        self.check_feed(feed)
         return self.infer_impl(feed)
+
+    def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        """FeedError unless the feed has exactly the graph's inputs, each a numpy array whose dtype casts to the
+        input's (same kind: float64 or float16 to float32 passes, strings or objects do not), whose rank and fixed
+        dimensions match, and whose leading (batch) dimension is the same for every input."""
+        if not isinstance(feed, Mapping):
+            raise FeedError(f"runner {self.name} takes a dict of named arrays, got {type(feed).__name__}")
+        infos = self.inputs()
+        expected = {t.name for t in infos}
+        if expected != set(feed):
+            raise FeedError(f"runner {self.name} takes inputs {sorted(expected)}, got {sorted(map(str, feed))}")
+        batches: dict[str, int] = {}
+        for info in infos:
+            value = feed[info.name]
+            if not isinstance(value, np.ndarray):
+                raise FeedError(f"runner {self.name}: input {info.name} must be a numpy array, "
+                                f"got {type(value).__name__}")
+            numeric = np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_
+            if not numeric or not np.can_cast(value.dtype, info.dtype, casting="same_kind"):
+                raise FeedError(f"runner {self.name}: input {info.name} is {value.dtype}, expected {info.describe()}")
+            if info.shape is not None and (value.ndim != len(info.shape) or any(
+                    want is not None and got != want for got, want in zip(value.shape, info.shape))):
+                raise FeedError(f"runner {self.name}: input {info.name} has shape {list(value.shape)}, "
+                                f"expected {info.describe()}")
+            if value.ndim:
+                batches[info.name] = value.shape[0]
+        if len(set(batches.values())) > 1:
+            raise FeedError(f"runner {self.name}: inputs disagree on the batch size: {batches}")
 
     @abc.abstractmethod
     def inputs(self) -> list[TensorInfo]: ...

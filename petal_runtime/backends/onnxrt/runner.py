@@ -19,7 +19,7 @@ _ORT_TYPES = {
 
 
 def _info(arg) -> TensorInfo:
-    shape = tuple(d if isinstance(d, int) else None for d in (arg.shape or ()))
+    shape = None if arg.shape is None else tuple(d if isinstance(d, int) else None for d in arg.shape)
     return TensorInfo(arg.name, np.dtype(_ORT_TYPES.get(arg.type, np.float32)), shape)
 
 
