@@ -268,6 +268,8 @@ def read_calibration(path: str | Path) -> dict:
     data = read_json(path, f"calibration file {path} does not exist", f"{path} is not a JSON calibration file")
     for key in ("threshold", "t"):
         if isinstance(data, dict) and isinstance(data.get(key), (int, float)) and not isinstance(data[key], bool):
+            if not abs(data[key]) < 1e300:  # NaN, Infinity (json accepts both) and ints too big for a float
+                raise PetalError(f"{path}: the threshold `{key}` is {data[key]!r}, not a finite number")
             return {**data, "t": float(data[key]), "file": str(path)}
     raise PetalError(f"{path} has no threshold (a `threshold` or `t` number)")
 

@@ -198,6 +198,17 @@ def test_a_calibration_file_from_petal_train_calibrate_gives_the_threshold(tmp_p
         read_calibration(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize("text", ['{"threshold": NaN}', '{"t": Infinity}', '{"threshold": -Infinity}',
+                                  '{"t": 1' + '0' * 400 + '}'])
+def test_a_calibration_threshold_that_is_not_finite_is_refused(tmp_path, text):
+    """json.loads accepts NaN and Infinity; with a NaN t every comparison against it is silently false."""
+    from petal_train.fit import read_calibration
+
+    (tmp_path / "cal.json").write_text(text)
+    with pytest.raises(PetalError, match="not a finite number"):
+        read_calibration(tmp_path / "cal.json")
+
+
 def test_frozen_centres_stay_where_they_started(tiny_tree, iqa_file, tmp_path):
     trainer = Trainer(_config(tiny_tree, iqa_file, tmp_path / "run", max_steps=1, freeze_centres=True), DistContext())
     head_before = trainer.head.weight.detach().clone()
