@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 from petal_runtime.errors import PetalError
 from petal_runtime.files import first_line
 
-# What torch's unpickler raises on a damaged or foreign file (a text file gives IndexError).
+# What torch's unpickler raises on a damaged or foreign file (a text file gives IndexError, a pickle cut
+# inside a number struct.error).
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError,
-               IndexError, KeyError, TypeError)
+               IndexError, KeyError, TypeError, struct.error)
 
 
 def load_torch_file(path: str | Path, kind: str, readable_as: str) -> Any:

@@ -75,6 +75,19 @@ def test_a_plain_state_dict_is_not_an_adapter_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_checkpoint_whose_pickle_is_cut_inside_a_number_is_a_user_error(tmp_path):
+    """Found by the reader fuzz test: torch's weights_only unpickler raises struct.error on a BININT cut short."""
+    import zipfile
+
+    whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
+    torch.save({"format": "petal-adapter-checkpoint"}, whole)
+    with zipfile.ZipFile(whole) as src, zipfile.ZipFile(cut, "w") as out:
+        for info in src.infolist():
+            out.writestr(info, b"\x80\x02J\x01" if info.filename.endswith("data.pkl") else src.read(info))
+    with pytest.raises(PetalError, match="is not a readable PETAL"):
+        load_checkpoint(cut)
+
+
 def test_a_failed_save_leaves_no_file_behind(trained_like, tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
