@@ -1,0 +1,345 @@
+"""petal-serve on real encoded clips (LFW faces walking through an H.264 scene; runtime_support):
+several sources at once through one batching worker, events, a webhook that fails its first calls,
+/metrics scraped and parsed, the gallery swapped while running, a slow sink that must not stall
+recognition, a port in use, SIGTERM. Loopback only; every loop is bounded; everything stops itself."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+import runtime_support as rs
+from petal_runtime.errors import PetalError
+from petal_runtime.gallery import Gallery
+from petal_runtime.serve import ServeConfig, Service
+
+
+@pytest.fixture(scope="module")
+def setup(shared_faces):
+    from conftest import require_models
+
+    require_models()
+    models = rs.exported_models()
+    return models, rs.lfw_gallery(models), rs.lfw_clip()
+
+
+def config(models, gallery, sources, **sections) -> ServeConfig:
+    data = {"service": {"models": str(models), "gallery": str(gallery), "max_wait_ms": 50.0, "drain_s": 5.0,
+                        **sections.pop("service", {})},
+            "http": {"port": 0, **sections.pop("http", {})},
+            "sinks": sections.pop("sinks", {}),
+            "source": sources}
+    return ServeConfig.from_dict(data)
+
+
+class Endpoint:
+    """A webhook receiver on 127.0.0.1: answers 503 to its first `fail` calls, sleeps `delay` per call."""
+
+    def __init__(self, fail: int = 0, delay: float = 0.0) -> None:
+        self.calls, self.events, self.fail, self.delay = 0, [], fail, delay
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.lock:
+                    outer.calls += 1
+                    failing = outer.calls <= outer.fail
+                if outer.delay:
+                    time.sleep(outer.delay)
+                if not failing:
+                    outer.events.append(json.loads(body))
+                self.send_response(503 if failing else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? '
+                    r'(-?[0-9.e+-]+|NaN|[+-]Inf)$')
+
+
+def parse_metrics(text: str) -> dict[str, dict[str, float]]:
+    """Prometheus text format -> {name: {labels: value}}; every sample line must parse, every family typed."""
+    out: dict[str, dict[str, float]] = {}
+    typed = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if not line or line.startswith("#"):
+            continue
+        match = SAMPLE.match(line)
+        assert match, line
+        name, labels, value = match.group(1), match.group(2) or "", match.group(3)
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or family in typed, line
+        out.setdefault(name, {})[labels] = float(value)
+    return out
+
+
+def events_of(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def three_sources(setup, tmp_path_factory):
+    """Three sources of the clip at once; stdout, a rotating file and a webhook that fails its first 2 calls."""
+    models, gallery, clip = setup
+    out = tmp_path_factory.mktemp("serve")
+    endpoint = Endpoint(fail=2)
+    sources = [{"name": f"cam{i}", "url": str(clip.path)} for i in range(3)]
+    cfg = config(models, gallery, sources, service={"thumbnails": str(out / "thumbs")},
+                 sinks={"file": {"path": str(out / "events.jsonl"), "max_bytes": 4000, "backups": 50},
+                        "webhook": {"url": endpoint.url, "retries": 4, "backoff_s": 0.05}})
+    stdout = io.StringIO()
+    scraped = []
+    try:
+        with Service(cfg, stdout=stdout) as service:
+            service.start()
+            url = service.http.url
+            scraped.append(urllib.request.urlopen(url + "/metrics", timeout=10).read().decode())
+            assert service.wait(timeout=120), "the three file sources did not end"
+            time.sleep(0.3)
+            metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+            sources = json.loads(urllib.request.urlopen(url + "/sources", timeout=10).read())
+            health = json.loads(urllib.request.urlopen(url + "/healthz", timeout=10).read())
+            service.stop()
+            final_metrics = service.registry.render()
+    finally:
+        endpoint.close()
+    return {"clip": clip, "stdout": events_of(stdout.getvalue()), "metrics": metrics, "first": scraped[0],
+            "sources": sources, "health": health, "endpoint": endpoint, "out": out, "final": final_metrics}
+
+
+def test_every_source_names_every_walker(three_sources):
+    clip, events = three_sources["clip"], three_sources["stdout"]
+    assert {e["source"] for e in events} == {"cam0", "cam1", "cam2"}
+    for cam in ("cam0", "cam1", "cam2"):
+        mine = [e for e in events if e["source"] == cam]
+        named = {e["identity"] for e in mine if e["type"] == "identified"}
+        assert named == set(clip.identities), (cam, named)
+        started = {e["track_id"] for e in mine if e["type"] == "track_started"}
+        ended = {e["track_id"] for e in mine if e["type"] == "track_ended"}
+        assert started == ended and len(started) >= len(clip.identities)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+
+
+def test_event_format(three_sources):
+    events = three_sources["stdout"]
+    version = three_sources["sources"]["gallery"]["version"]
+    identified = [e for e in events if e["type"] == "identified"]
+    for e in identified:
+        assert {"source", "track_id", "identity", "score", "far", "threshold", "rule", "quality", "frame",
+                "frame_time", "time", "gallery_version", "previous_identity", "top_k", "latency_ms"} <= e.keys()
+        assert e["gallery_version"] == version and len(version) == 12
+        assert e["score"] >= e["threshold"] and e["top_k"][0]["name"] == e["identity"]
+        assert e["previous_identity"] == "unknown" and 0 <= e["quality"] <= 1.5
+        assert os.path.isfile(e["thumbnail"]) and e["thumbnail"].endswith(".jpg")
+    ended = [e for e in events if e["type"] == "track_ended"]
+    assert all(e["frames"] >= 3 and e["last_frame"] >= e["first_frame"] for e in ended)
+
+
+def test_file_sink_rotates_and_keeps_every_event(three_sources):
+    out, events = three_sources["out"], three_sources["stdout"]
+    files = sorted(out.glob("events.jsonl*"))
+    assert len(files) > 2 and all(f.stat().st_size <= 4000 for f in files)
+    lines = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert sorted(e["seq"] for e in lines) == [e["seq"] for e in events]
+
+
+def test_webhook_retries_until_delivered(three_sources):
+    endpoint, events = three_sources["endpoint"], three_sources["stdout"]
+    assert sorted(e["seq"] for e in endpoint.events) == [e["seq"] for e in events]
+    assert endpoint.calls == len(events) + 2  # the two refused calls were retried
+    final = parse_metrics(three_sources["final"])
+    assert final["petal_sink_delivered_total"]['{sink="webhook"}'] == len(events)
+    assert final["petal_sink_dropped_total"]['{sink="webhook"}'] == 0
+
+
+def test_metrics_parse_and_count(three_sources):
+    clip = three_sources["clip"]
+    parse_metrics(three_sources["first"])
+    metrics = parse_metrics(three_sources["metrics"])
+    for cam in ("cam0", "cam1", "cam2"):
+        key = f'{{source="{cam}"}}'
+        assert metrics["petal_source_frames_total"][key] == clip.frames
+        assert metrics["petal_source_dropped_frames_total"][key] == 0
+        assert metrics["petal_recognizer_calls_saved_total"][key] > metrics["petal_recognizer_crops_total"][key]
+    events = three_sources["stdout"]
+    assert sum(metrics["petal_events_total"].values()) == len(events)
+    # One worker served all three: some calls carried more than one source's crops.
+    requests = metrics["petal_inference_batch_requests_sum"]['{model="iqa"}']
+    calls = metrics["petal_inference_batch_requests_count"]['{model="iqa"}']
+    assert requests > calls
+    assert {"petal_inference_seconds_bucket", "petal_stage_seconds_total", "petal_source_fps",
+            "petal_sink_queue_depth", "petal_gallery_identities", "petal_event_latency_seconds_count"} <= metrics.keys()
+
+
+def test_sources_and_health(three_sources):
+    sources, health = three_sources["sources"], three_sources["health"]
+    assert health["status"] == "ok" and health["sources"] == 3
+    assert [s["name"] for s in sources["sources"]] == ["cam0", "cam1", "cam2"]
+    assert all(s["state"] == "ended" and s["error"] is None for s in sources["sources"])
+    assert sources["gallery"]["identities"] == 10
+
+
+def _gallery_without(gallery_path, name: str, target):
+    gallery = Gallery.load(gallery_path)
+    gallery.remove([name])
+    gallery.save(target)
+    return gallery
+
+
+def test_gallery_swapped_while_running(setup, tmp_path):
+    """A live-paced source; the gallery first lacks one walker, then the full one is written over it (the
+    walker is named, with the new version), then one for other models (refused, the full one stays)."""
+    models, full_path, clip = setup
+    missing = clip.identities[0]
+    path = tmp_path / "gallery.npy"
+    _gallery_without(full_path, missing, path)
+    logs = []
+    cfg = config(models, path, [{"name": "live", "url": str(clip.path), "realtime": True, "loop": True,
+                                 "max_frames": 200}],
+                 service={"gallery_poll_s": 0.2}, http={"enabled": False})
+    stdout = io.StringIO()
+    with Service(cfg, stdout=stdout, log=logs.append) as service:
+        first = service.gallery_state.version
+        service.start()
+        deadline = time.monotonic() + 60
+        while "identified" not in stdout.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        Gallery.load(full_path).save(path)
+        while service.gallery_state.version == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = service.gallery_state.version
+        assert second != first, logs
+        other = Gallery.load(full_path)
+        other.meta["models_sha256"] = "0" * 64
+        other.save(path)
+        while not any("refused" in line for line in logs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.gallery_state.version == second and len(service.gallery_state.gallery) == 10
+        assert service.wait(timeout=90)
+        metrics = parse_metrics(service.metrics_text())
+    events = events_of(stdout.getvalue())
+    assert metrics["petal_gallery_reloads_total"] == {'{result="ok"}': 1.0, '{result="refused"}': 1.0}
+    assert any("other models" in line for line in logs)
+    before = [e for e in events if e["gallery_version"] == first]
+    after = [e for e in events if e["gallery_version"] == second]
+    assert before and after
+    assert all(e["identity"] != missing for e in before)
+    assert any(e["identity"] == missing and e["type"] in ("identified", "identity_changed") for e in after)
+
+
+def test_slow_sink_does_not_stall_recognition(setup):
+    """A webhook that takes 2 s per event, with room for 2: recognition goes at full speed, the oldest
+    events drop (counted), stdout gets every event."""
+    models, gallery, clip = setup
+    endpoint = Endpoint(delay=2.0)
+    cfg = config(models, gallery, [{"name": "a", "url": str(clip.path)}, {"name": "b", "url": str(clip.path)}],
+                 service={"drain_s": 0.5}, http={"enabled": False},
+                 sinks={"webhook": {"url": endpoint.url, "queue_size": 2, "timeout_s": 5.0, "retries": 0}})
+    stdout = io.StringIO()
+    try:
+        start = time.monotonic()
+        with Service(cfg, stdout=stdout) as service:
+            service.start()
+            assert service.wait(timeout=120)
+            took = time.monotonic() - start
+            webhook = next(s for s in service.sinks if s.name == "webhook")
+            status = service.sources_status()
+            service.stop()
+    finally:
+        endpoint.close()
+    events = events_of(stdout.getvalue())
+    assert all(s["frames"] == clip.frames for s in status["sources"])
+    assert len(events) >= 12 and webhook.dropped >= len(events) - 4
+    # With a sink that stalled, the run would take 2 s per event (> 24 s).
+    assert took < 2.0 * len(events) / 2
+
+
+def test_port_in_use_is_one_line(setup):
+    models, gallery, clip = setup
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        cfg = config(models, gallery, [{"name": "a", "url": str(clip.path)}], http={"port": port})
+        with pytest.raises(PetalError) as info:
+            Service(cfg)
+    assert f"cannot listen on 127.0.0.1:{port}: the port is in use" in str(info.value)
+
+
+def test_unreachable_stream_is_refused_before_start(setup):
+    models, gallery, _ = setup
+    with socket.socket() as closed:  # a loopback port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    cfg = config(models, gallery, [{"name": "gate", "url": f"rtsp://127.0.0.1:{port}/s", "connect_retries": 0}])
+    with pytest.raises(PetalError) as info:
+        Service(cfg)
+    assert str(info.value).startswith("source gate: could not open rtsp://127.0.0.1")
+
+
+def test_sigterm_flushes_and_exits_zero(setup, tmp_path):
+    models, gallery, clip = setup
+    (tmp_path / "serve.toml").write_text(
+        f'[service]\nmodels = "{models}"\ngallery = "{gallery}"\n[http]\nenabled = false\n'
+        f'[[source]]\nname = "loop"\nurl = "{clip.path}"\nrealtime = true\nloop = true\n')
+    code = "import sys; from petal_runtime.serve.cli import main; sys.argv = ['petal-serve', sys.argv[1]]; main()"
+    err_file = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "serve.toml")], cwd=rs.REPO,
+                            stdout=subprocess.PIPE, stderr=err_file, text=True)
+    killer = threading.Timer(150, proc.kill)  # whatever happens, the child ends
+    killer.start()
+    lines = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # until the first identification
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"identified"' in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()  # the same buffered reader: no line is lost between the two reads
+        proc.wait(timeout=60)
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        err_file.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    events = events_of("".join(lines) + rest)
+    assert proc.returncode == 0, err
+    assert any(e["type"] == "identified" for e in events)
+    started = {e["track_id"] for e in events if e["type"] == "track_started"}
+    ended = {e["track_id"] for e in events if e["type"] == "track_ended"}
+    assert started and started == ended, [(e["type"], e["track_id"], e["seq"]) for e in events]
+    assert np.all(np.diff([e["seq"] for e in events]) == 1)
