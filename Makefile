@@ -24,6 +24,7 @@ models: venv
 	$(BIN)/petal-models fetch
 
 test: models
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
 demo: models

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -42,6 +41,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from petal_runtime.files import first_line  # noqa: E402
 
 FP16_MIN_COSINE, INT8_MEAN_COSINE = 0.999, 0.98
 BATCHES = (1, 8, 32)
@@ -69,7 +70,7 @@ class Check:
             return value
         except Exception as exc:  # one failed step must not hide the others' results
             self.report["steps"][name] = {"status": "failed", "seconds": round(time.perf_counter() - started, 1),
-                                          "why": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                          "why": f"{type(exc).__name__}: {first_line(exc)}",
                                           "traceback": traceback.format_exc(limit=4)}
             print(f"[{name}] failed: {type(exc).__name__}: {exc}", flush=True)
             return None
@@ -85,8 +86,8 @@ def environment() -> dict:
     env: dict = {"python": platform.python_version(), "machine": platform.machine()}
     smi = shutil.which("nvidia-smi")
     if smi:
-        done = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30)
+        query = "--query-gpu=name,driver_version,memory.total,compute_cap"
+        done = subprocess.run([smi, query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         env["gpus"] = [line.strip() for line in done.stdout.splitlines() if line.strip()] or [done.stderr.strip()]
     else:
         env["gpus"] = "nvidia-smi not found: no NVIDIA driver here"
@@ -305,7 +306,8 @@ def table(report: dict) -> str:
         cells = []
         for b in BATCHES:
             cell = row.get(f"batch {b}")
-            cells.append(f"{cell['ms']} ({cell['faces_per_s']})" if isinstance(cell, dict) else str(cell or row.get("failed", "")))
+            cells.append(f"{cell['ms']} ({cell['faces_per_s']})" if isinstance(cell, dict)
+                         else str(cell or row.get("failed", "")))
         lines.append(f"| {row['backend']} | " + " | ".join(cells) + " |")
     lines += ["", "| petal-run backend | fps | runs on / why |", "|---|---|---|"]
     for row in report["end_to_end"]:

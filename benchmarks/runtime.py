@@ -261,7 +261,8 @@ def recognizer_speed(models: Path, threads: int, rounds: int, faces: np.ndarray,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", help="petal-export folder (default: the test suite's export of the default checkpoint)")
+    parser.add_argument("--models",
+                        help="petal-export folder (default: the test suite's export of the default checkpoint)")
     parser.add_argument("--checkpoint", help="the checkpoint --models was exported from, for the PyTorch column "
                         "(default: the shipped one when the manifest's hash matches)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of the 720p clip")
@@ -309,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                f"{profile['frames']} frames after warm-up), ms per frame:\n")
     out.append(_table(["stage", "ms/frame", "share"],
                       [[k, f"{v:.2f}", f"{100 * v / profile['total_ms']:.0f}%"] for k, v in profile["stage_ms"].items()]
-                      + [["total", f"{profile['total_ms']:.1f}", f"= {1000 / profile['total_ms']:.1f} fps on one thread"]]))
+                      + [["total", f"{profile['total_ms']:.1f}",
+                          f"= {1000 / profile['total_ms']:.1f} fps on one thread"]]))
     out.append("\nThe same stages in the threaded run (wall ms per frame; they overlap, and waiting for a core "
                "counts):\n")
     stages = list(runs[0]["stats"]["stage_ms_per_frame"])
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     if rec_notes["note"]:
         out.append(rec_notes["note"])
     if len(runs) == 2:
-        saved_ms = runs[1]["stats"]["stage_ms_per_frame"]["recognize"] - runs[0]["stats"]["stage_ms_per_frame"]["recognize"]
+        recognize_ms = [run["stats"]["stage_ms_per_frame"]["recognize"] for run in runs]
+        saved_ms = recognize_ms[1] - recognize_ms[0]
         out.append(f"\nQuality-aware selection: the recognizer ran on {runs[0]['stats']['recognized']} of "
                    f"{runs[0]['stats']['faces']} crops ({100 * runs[0]['stats']['selection_saving']:.0f}% saved), "
                    f"{saved_ms:.1f} ms of recognizer time per frame less than on every crop; "
@@ -331,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(out)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "profile": profile, "recognizer": rec_rows, "notes": rec_notes,
-                                               "load": [load_before, load_after], "cpu": cpu_name()}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": runs, "profile": profile, "recognizer": rec_rows,
+                                               "notes": rec_notes, "load": [load_before, load_after],
+                                               "cpu": cpu_name()}, indent=1))
     return 0
 
 

@@ -87,7 +87,8 @@ def _table(rows: list[dict], nproc: int, backend: str, threads: int) -> str:
         key = "many" if row["processes"] > 1 else ("one_thread" if row["threads"] == 1 else "one")
         by_mode.setdefault(row["mode"], {})[key] = row
     pinned = any("one_thread" in runs for runs in by_mode.values())
-    head = ["mode", "trainable (backbone)", f"1 process, {threads} threads"] + (["1 process, 1 thread"] if pinned else [])
+    head = (["mode", "trainable (backbone)", f"1 process, {threads} threads"]
+            + (["1 process, 1 thread"] if pinned else []))
     head += [f"{nproc} {backend} processes", f"{nproc} processes / 1 process"] if nproc > 1 else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 

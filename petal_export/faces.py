@@ -79,7 +79,8 @@ def portrait_faces(limit: int, size: int = 112) -> np.ndarray:
     try:
         portraits = load_portraits()
     except PetalError as exc:
-        raise PetalError(f"no face folder to use and {exc}; put aligned faces in calibration/ or pass --faces DIR") from None
+        raise PetalError(f"no face folder to use and {exc}; put aligned faces in calibration/ "
+                         "or pass --faces DIR") from None
     pick = np.linspace(0, len(portraits.images) - 1, min(limit, len(portraits.images))).round().astype(int)
     return resize_faces(to_model_input(portraits.images[pick]), size)
 

@@ -4,9 +4,9 @@ Every export writes the FP32 ONNX graphs (`onnx`); `--fp16` adds `onnx-fp16` and
 `--int8` adds `onnx-int8` (for ONNX Runtime on the CPU), `onnx-int8-qdq` (TensorRT's explicit
 quantization input) and `trt-int8`. TensorRT engines are built from the exporter's own graphs:
 trt-fp16 from onnx-fp16 (strongly typed; FP32 `onnx` with the FP16 flag on TensorRT < 10.12),
-trt-int8 from onnx-int8-qdq (strongly typed), as petal_export.trt.build_plan says. A format-specific option that no selected format
-accepts is an error (`--calib` without `--int8`, `--batch` without an engine format), never
-silently ignored. File names are `<graph><suffix>`: recognizer.onnx, recognizer.fp16.onnx,
+trt-int8 from onnx-int8-qdq (strongly typed), as petal_export.trt.build_plan says. A format-specific
+option that no selected format accepts is an error (`--calib` without `--int8`, `--batch` without an engine
+format), never silently ignored. File names are `<graph><suffix>`: recognizer.onnx, recognizer.fp16.onnx,
 recognizer.int8.engine, ... (engine names follow petal_runtime.backends.trt.loader, which finds
 them by these names).
 

@@ -31,7 +31,8 @@ CALIBRATION_BATCH = 8
 DEFAULT_CALIBRATION_IMAGES = 32
 
 
-def calibration_feeds(faces: np.ndarray, with_alpha: bool, batch: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(faces: np.ndarray, with_alpha: bool,
+                      batch: int = CALIBRATION_BATCH) -> list[dict[str, np.ndarray]]:
     """Batches of calibration inputs (faces already include any degraded copies)."""
     n = len(faces)
     alphas = np.linspace(0.0, 1.0, n, dtype=np.float32).reshape(n, 1)

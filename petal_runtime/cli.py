@@ -36,7 +36,8 @@ def _backend_option(func):
     from .backends import backend_names
 
     return click.option("--backend", type=click.Choice(backend_names()), default="auto", show_default=True,
-                        help="auto: TensorRT where importable, a GPU answers and engines exist; else ONNX Runtime.")(func)
+                        help="auto: TensorRT where importable, a GPU answers and engines exist; "
+                             "else ONNX Runtime.")(func)
 
 
 class _Progress:
@@ -251,8 +252,8 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
     local_video = Path(str(video)) if Path(str(video)).exists() else None
     _check_outputs({"input video": local_video, "gallery": gallery_path, "gallery's .json": meta_path(gallery_path)},
                    {"--json": json_out, "--annotate": annotate_out, "per-frame log": frames_out})
-    report: dict = {"source": str(video), "status": "error", "error": None, "models": None, "gallery": str(gallery_path),
-                    "tracks": [], "frames": [], "stats": {}, "source_stats": {}}
+    report: dict = {"source": str(video), "status": "error", "error": None, "models": None,
+                    "gallery": str(gallery_path), "tracks": [], "frames": [], "stats": {}, "source_stats": {}}
     pipeline = None
     source = None
     writer = None
@@ -449,7 +450,8 @@ def _stale_calibration_note(gallery_path: Path, gallery) -> None:
 @click.option("--models", "models_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="gallery .npy")
 @click.option("--calibrate", "calibrate", is_flag=True,
-              help="Also write the open-set calibration (as petal-gallery calibrate does), from --faces or the portraits.")
+              help="Also write the open-set calibration (as petal-gallery calibrate does), "
+                   "from --faces or the portraits.")
 @click.option("--faces", "faces", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Calibration faces (implies --calibrate): folders of people, best not the ones to be identified.")
 @_calibration_options
@@ -465,7 +467,8 @@ def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, fa
     check_writable(out, "gallery")
     check_writable(meta_path(out), "gallery metadata")
     with _open_models(models_dir, backend) as models:
-        gallery, report = build_gallery(models, folder, progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
+        gallery, report = build_gallery(models, folder,
+                                        progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
         gallery.meta["models_dir"] = str(models_dir.resolve())
         gallery.save(out)
         _report_skips(report)

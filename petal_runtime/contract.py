@@ -8,7 +8,7 @@ already L2-normalised.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,5 +141,5 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST_FILE
-        return cls.from_dict(read_json(path, f"no {MANIFEST_FILE} at {path}: point --models at a petal-export output folder",
-                                       f"{path} is not a valid manifest ({{error}})"), str(path))
+        missing = f"no {MANIFEST_FILE} at {path}: point --models at a petal-export output folder"
+        return cls.from_dict(read_json(path, missing, f"{path} is not a valid manifest ({{error}})"), str(path))

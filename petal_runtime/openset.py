@@ -261,7 +261,8 @@ class FarCalibration:
             what = ("other models" if self.meta.get("models_sha256") != gallery.meta.get("models_sha256")
                     else "another version of the gallery (people added, removed or re-enrolled)")
             raise PetalError(f"{where} was calibrated for {what} (gallery sha256 "
-                             f"{str(self.meta.get('gallery_sha256'))[:12]}..., this one {gallery_digest(gallery)[:12]}...); "
+                             f"{str(self.meta.get('gallery_sha256'))[:12]}..., "
+                             f"this one {gallery_digest(gallery)[:12]}...); "
                              f"rebuild it with: {rebuild}")
 
 

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from .align import align_face
-from .contract import FACE_SIZE, to_model_input
+from .contract import to_model_input
 from .detect import YUNET_MIN_FACE, Detection, FaceDetector
 from .errors import PetalError
 from .gallery import UNKNOWN, Gallery
@@ -298,7 +298,8 @@ def check_frame(image) -> None:
     if image.dtype != np.uint8:
         hint = ("(np.clip(image * 255, 0, 255).astype(np.uint8) for floats in 0..1)" if image.dtype.kind == "f"
                 else "(image >> 8).astype(np.uint8) for 16-bit frames" if image.dtype == np.uint16 else "")
-        raise PetalError(f"process() takes 8-bit frames (uint8, 0..255), got {image.dtype}; convert first {hint}".rstrip())
+        raise PetalError(f"process() takes 8-bit frames (uint8, 0..255), got {image.dtype}; "
+                         f"convert first {hint}".rstrip())
 
 
 class Pipeline:

@@ -54,7 +54,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise PetalError("--device cuda was given, but this machine has no usable GPU "
                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
     if local_rank >= torch.cuda.device_count():
-        raise PetalError(f"process {local_rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} are visible")
+        raise PetalError(f"process {local_rank} needs GPU {local_rank}, "
+                         f"but only {torch.cuda.device_count()} are visible")
     return torch.device("cuda", local_rank)
 
 

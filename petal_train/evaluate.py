@@ -345,7 +345,8 @@ def summary_table(result: dict) -> str:
 @click.command("eval")
 @click.option("--data", required=True, help="Identity-folder tree or TinyFace root.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for eval.json and cmc.png.")
-@click.option("--ckpt", "checkpoint", type=click.Path(dir_okay=False), help="Trained checkpoint (default: the frozen base).")
+@click.option("--ckpt", "checkpoint", type=click.Path(dir_okay=False),
+              help="Trained checkpoint (default: the frozen base).")
 @click.option("--backbone", default="sface", show_default=True, help="Base when no --ckpt is given.")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False))
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights the petal run used.")

@@ -139,6 +139,7 @@ def grad_report_command(data, out, **options) -> None:
     """Histogram of first-iteration gradients: full fine-tuning against petal."""
     report = gradient_report(data, out, **options)
     for mode, s in report["modes"].items():
-        click.echo(f"{mode:6s} trainable {s['trainable_backbone_parameters']:>10,}  nonzero {s['nonzero_gradients']:>10,}"
+        click.echo(f"{mode:6s} trainable {s['trainable_backbone_parameters']:>10,}  "
+                   f"nonzero {s['nonzero_gradients']:>10,}"
                    f"  L2 {s['backbone_grad_l2']:.4g}  max |g| {s['max_abs']:.3g}")
     click.echo(f"wrote {out} and {Path(out).with_suffix('.json')}")

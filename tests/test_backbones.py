@@ -23,7 +23,6 @@ import torch.nn as nn
 from petal_runtime.errors import PetalError
 from petal_train.backbones.iresnet import IResNet
 from petal_train.lora import PetalRecognizer, inject
-from petal_train.model import build_recognizer
 from petal_train.registry import create_model, get_spec
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_state_dict_keys.json"

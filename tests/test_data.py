@@ -90,7 +90,8 @@ def test_tinyface_layout_follows_adafaces_protocol(lfw_faces, tmp_path):
         for k in (1, 2):  # tiny probes (24 px): YuNet may miss them, then the crop is resized whole
             small = cv2.resize(lfw_faces.images[picks[k]], (24, 24), interpolation=cv2.INTER_AREA)
             cv2.imwrite(str(test / "Probe" / f"{label}_{k + 1}.png"), small[:, :, ::-1])
-    cv2.imwrite(str(test / "Gallery_Distractor" / "d_1.png"), lfw_faces.images[np.flatnonzero(lfw_faces.labels == 4)[0]][:, :, ::-1])
+    distractor = lfw_faces.images[np.flatnonzero(lfw_faces.labels == 4)[0]]
+    cv2.imwrite(str(test / "Gallery_Distractor" / "d_1.png"), distractor[:, :, ::-1])
 
     split = load_tinyface_test(root)
     assert sorted(split.probe.labels.tolist()) == [2, 2, 3, 3]
@@ -126,7 +127,7 @@ def test_recordio_written_as_mxnet_does_is_read_without_mxnet(lfw_faces, tmp_pat
     tail_at = -len(payloads[3]) % 4 + 4
     payloads[3] += b"\0" * tail_at + struct.pack("<I", RECORDIO_MAGIC) + b"end!"
     split_at = len(payloads[3]) - 8
-    rec, idx, offset = bytearray(), [], 0
+    rec, idx = bytearray(), []
     for key, payload in payloads.items():
         idx.append(f"{key}\t{len(rec)}")
         if key == 3:

@@ -106,7 +106,7 @@ def graphs(tmp_path_factory):
 
 
 def _request(path, precision="fp16", graph="recognizer", size=8, **kw) -> EngineRequest:
-    kw.setdefault("profile", recognizer_profile((1, 8, 32), size) if graph == "recognizer" else iqa_profile((1, 8, 32), size))
+    kw.setdefault("profile", (recognizer_profile if graph == "recognizer" else iqa_profile)((1, 8, 32), size))
     return EngineRequest(graph, path, "ab" * 32, precision, **kw)
 
 
@@ -162,7 +162,8 @@ def test_fp16_engine_is_strongly_typed_from_the_fp16_graph(fake, petal_home, tmp
 
 
 def test_fp16_before_10_12_is_weakly_typed_with_fp32_islands(fake, petal_home, tmp_path, graphs):
-    trt = fake("10.11.0.33", layers=[("/conv/Conv", "Conv", ["FLOAT"]), ("/norm/LayerNorm", "LayerNormalization", ["FLOAT"]),
+    trt = fake("10.11.0.33", layers=[("/conv/Conv", "Conv", ["FLOAT"]),
+                                     ("/norm/LayerNorm", "LayerNormalization", ["FLOAT"]),
                                      ("/Div_1", "Div", ["FLOAT"]), ("/Shape", "Shape", ["INT64"])])
     info, target, network, config = _build(trt, _request(graphs["sources"]["onnx"]["recognizer"],
                                                          fp32_layers=frozenset({"/Div_1"})), tmp_path)
@@ -205,7 +206,8 @@ def test_timing_cache_saved_and_reused(fake, petal_home, tmp_path, graphs, versi
 @pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
 def test_iqa_profile_has_one_input_and_spatial_range(fake, petal_home, tmp_path, graphs, version):
     trt = fake(version)
-    request = EngineRequest("iqa", graphs["sources"]["onnx-fp16"]["iqa"], "ef" * 32, "fp16", iqa_profile((2, 4, 16), 112))
+    request = EngineRequest("iqa", graphs["sources"]["onnx-fp16"]["iqa"], "ef" * 32, "fp16",
+                            iqa_profile((2, 4, 16), 112))
     _, _, _, config = _build(trt, request, tmp_path)
     assert config._profiles[0]._shapes == {"image": ((2, 3, 56, 56), (4, 3, 112, 112), (16, 3, 224, 224))}
 
@@ -213,7 +215,8 @@ def test_iqa_profile_has_one_input_and_spatial_range(fake, petal_home, tmp_path,
 @pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
 def test_parser_errors_are_one_line(fake, petal_home, tmp_path, graphs, version):
     fake(version, parse_errors=("unsupported op Foo",))
-    with pytest.raises(PetalError, match=rf"TensorRT {version}'s ONNX parser rejected recognizer.fp16.onnx: unsupported op Foo"):
+    rejected = rf"TensorRT {version}'s ONNX parser rejected recognizer.fp16.onnx: unsupported op Foo"
+    with pytest.raises(PetalError, match=rejected):
         build_engine(_request(graphs["sources"]["onnx-fp16"]["recognizer"]), tmp_path / "x.engine", get_memory(),
                      log=lambda _: None)
     assert not (tmp_path / "x.engine").exists()

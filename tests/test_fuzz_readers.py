@@ -107,7 +107,8 @@ def good_manifest() -> dict:
     from petal_runtime.contract import Manifest
 
     return json.loads(Manifest(backbone="sface", embedding_size=128, norm_mean=127.5, norm_std=128.0,
-                               iqa_threshold=0.735, files={"recognizer.onnx": "a" * 64, "iqa.onnx": "b" * 64}).to_json())
+                               iqa_threshold=0.735,
+                               files={"recognizer.onnx": "a" * 64, "iqa.onnx": "b" * 64}).to_json())
 
 
 @FUZZ

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError
-from petal_train.lora import (AlphaGate, PetalRecognizer, TwinLoRAConv2d, TwinLoRALinear, adapter_state_dict,
+from petal_train.lora import (AlphaGate, TwinLoRAConv2d, TwinLoRALinear, adapter_state_dict,
                               inject)
 
 

@@ -54,7 +54,8 @@ def test_cpu_only_onnxruntime_is_passed_over_with_the_reason(models_dir):
     spec = get_backend("ort-gpu")
     assert spec.name == "onnxruntime-gpu"
     assert "no GPU execution provider" in spec.unusable(models_dir, "recognizer")
-    with pytest.raises(PetalError, match="backend onnxruntime-gpu cannot run recognizer: .*pip install onnxruntime-gpu"):
+    refused = "backend onnxruntime-gpu cannot run recognizer: .*pip install onnxruntime-gpu"
+    with pytest.raises(PetalError, match=refused):
         choose_backend("onnxruntime-gpu", models_dir)
     assert choose_backend("auto", models_dir)[0].name == "onnxruntime"  # auto never picks it
 

@@ -66,7 +66,8 @@ def test_add_list_remove(built, tmp_path):
     shutil.copy(built, path)
     shutil.copy(meta_path(built), meta_path(path))
     person = rs.SHARED_FACES / "lfw10" / "Tony_Blair"
-    result = _invoke("add", path, person / "Tony_Blair_0008.jpg", person / "Tony_Blair_0009.jpg", "--name", "Tony_Blair")
+    result = _invoke("add", path, person / "Tony_Blair_0008.jpg", person / "Tony_Blair_0009.jpg",
+                     "--name", "Tony_Blair")
     assert result.exit_code == 0, result.output
     result = _invoke("add", path, rs.SHARED_FACES / "orl40" / "s1", "--name", "ORL subject 1")
     assert result.exit_code == 0, result.output

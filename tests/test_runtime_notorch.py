@@ -9,7 +9,8 @@ import sys
 from runtime_support import REPO
 
 RUNTIME_MODULES = ["petal_runtime", "petal_runtime.cli", "petal_runtime.pipeline", "petal_runtime.gallery",
-                   "petal_runtime.tracking", "petal_runtime.openset", "petal_runtime.sources", "petal_runtime.annotate", "petal_runtime.models",
+                   "petal_runtime.tracking", "petal_runtime.openset", "petal_runtime.sources", "petal_runtime.annotate",
+                   "petal_runtime.models", "petal_runtime.models_cli",
                    "petal_runtime.backends", "petal_runtime.backends.onnxrt", "petal_runtime.backends.trt",
                    "petal_runtime.backends.trt.memory", "petal_runtime.backends.trt.loader",
                    "petal_runtime.backends.trt.runner", "petal_runtime.backends.ort_gpu",

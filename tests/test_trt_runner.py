@@ -76,7 +76,8 @@ def test_runner_pads_below_the_profile_minimum_and_rejects_outside_shapes(fake_g
         assert out["embedding"].shape == (2, 128)
         np.testing.assert_allclose(out["embedding"], expected_embedding(image, alpha), rtol=1e-5, atol=1e-6)
         # The binding's fixed dimensions are checked before the profile (Runner.check_feed).
-        with pytest.raises(PetalError, match=r"input image has shape \[2, 3, 96, 96\], expected float32 \[N, 3, 112, 112\]"):
+        wrong_size = r"input image has shape \[2, 3, 96, 96\], expected float32 \[N, 3, 112, 112\]"
+        with pytest.raises(PetalError, match=wrong_size):
             runner.infer({"image": np.zeros((2, 3, 96, 96), np.float32), "alpha": alpha})
         empty = runner.infer({"image": image[:0], "alpha": alpha[:0]})
         assert empty["embedding"].shape == (0, 128)

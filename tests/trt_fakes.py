@@ -385,7 +385,8 @@ def make_tensorrt(version: str = TRT10, parse_errors=(), layers=None) -> types.M
             for tensor in network._inputs:
                 spec["tensors"][tensor._name] = {"mode": "INPUT", "shape": list(tensor._shape),
                                                  "dtype": tensor._dtype._name.split(".")[1],
-                                                 "profile": [list(s) for s in shapes.get(tensor._name, (tensor._shape,) * 3)]}
+                                                 "profile": [list(s) for s in
+                                                             shapes.get(tensor._name, (tensor._shape,) * 3)]}
             for tensor in network._outputs:
                 spec["tensors"][tensor._name] = {"mode": "OUTPUT", "shape": list(tensor._shape),
                                                  "dtype": tensor._dtype._name.split(".")[1]}
@@ -517,12 +518,13 @@ def _fake_outputs(name, ins, shape):
     return tiled / np.linalg.norm(tiled, axis=1, keepdims=True)
 
 
+IMAGE_PROFILE = [[1, 3, 112, 112], [8, 3, 112, 112], [32, 3, 112, 112]]
 RECOGNIZER_SPEC = {"tensors": {
-    "image": {"mode": "INPUT", "shape": [-1, 3, 112, 112], "profile": [[1, 3, 112, 112], [8, 3, 112, 112], [32, 3, 112, 112]]},
+    "image": {"mode": "INPUT", "shape": [-1, 3, 112, 112], "profile": IMAGE_PROFILE},
     "alpha": {"mode": "INPUT", "shape": [-1, 1], "profile": [[1, 1], [8, 1], [32, 1]]},
     "embedding": {"mode": "OUTPUT", "shape": [-1, 128]}}}
 IQA_SPEC = {"tensors": {
-    "image": {"mode": "INPUT", "shape": [-1, 3, 112, 112], "profile": [[1, 3, 112, 112], [8, 3, 112, 112], [32, 3, 112, 112]]},
+    "image": {"mode": "INPUT", "shape": [-1, 3, 112, 112], "profile": IMAGE_PROFILE},
     "quality": {"mode": "OUTPUT", "shape": [-1, 1]}}}
 
 

@@ -43,7 +43,8 @@ def get_backend(name: str) -> BackendSpec:
     raise PetalError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
 
 
-def choose_backend(name: str, models_dir: str | Path, graphs: tuple[str, ...] = GRAPHS) -> tuple[BackendSpec, list[str]]:
+def choose_backend(name: str, models_dir: str | Path,
+                   graphs: tuple[str, ...] = GRAPHS) -> tuple[BackendSpec, list[str]]:
     """The backend to use for `graphs` in `models_dir`, and notes on the ones passed over.
 
     auto: the highest-priority backend that can run every graph. A named backend that cannot run

@@ -64,7 +64,8 @@ class SessionFromOnnx:
         names = [p[0] if isinstance(p, tuple) else p for p in requested]
         unknown = [p for p in names if p not in available_providers()]
         if unknown:
-            raise PetalError(f"ONNX Runtime here has no {', '.join(unknown)} (it has {', '.join(available_providers())})")
+            raise PetalError(f"ONNX Runtime here has no {', '.join(unknown)} "
+                             f"(it has {', '.join(available_providers())})")
         try:
             session = ort.InferenceSession(str(self.path), options, providers=requested)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files

@@ -143,7 +143,7 @@ class TrtRunner(Runner):
             if pad:
                 array = np.concatenate([array, np.repeat(array[-1:], pad, axis=0)])
             lo, _, hi = b.profile[0], b.profile[1], b.profile[2]
-            if array.ndim != len(hi) or any(not (l <= d <= h) for d, l, h in zip(array.shape, lo, hi)):
+            if array.ndim != len(hi) or any(not (low <= d <= high) for d, low, high in zip(array.shape, lo, hi)):
                 raise PetalError(f"input {b.name} of shape {array.shape} is outside the engine's profile "
                                  f"{tuple(lo)}..{tuple(hi)}")
             if not self.context.set_input_shape(b.name, array.shape):
