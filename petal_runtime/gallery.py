@@ -151,6 +151,16 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` highest of `scores` [N], best first (ties: lower index first). argpartition
+    finds them in O(N); only those k are sorted, not the whole gallery."""
+    k = max(1, min(int(k), len(scores)))
+    if k >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]
+
+
 @dataclass
 class Match:
     identity: str  # a gallery name, or "unknown" below the open-set threshold
@@ -167,6 +177,7 @@ class Gallery:
     entries: np.ndarray  # structured, gallery_dtype(D)
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # --- construction
     @classmethod
@@ -179,13 +190,32 @@ class Gallery:
     def dim(self) -> int:
         return int(self.entries.dtype["embedding"].shape[0])
 
+    def _cached(self, what: str, build):
+        """`build()` once per `entries` array: add() and remove() assign a new one, which drops the cache
+        (entries edited in place would not be seen: assign a new array instead)."""
+        cache = self._cache
+        if cache.get("entries") is not self.entries:
+            cache.clear()
+            cache["entries"] = self.entries
+        if what not in cache:
+            cache[what] = build()
+        return cache[what]
+
     @property
     def names(self) -> list[str]:
-        return [str(n) for n in self.entries["name"]]
+        """The identities in entry order (cached: read it, do not modify it)."""
+        return self._cached("names", lambda: [str(n) for n in self.entries["name"]])
 
     @property
     def embeddings(self) -> np.ndarray:
-        return np.asarray(self.entries["embedding"], np.float32).reshape(len(self.entries), self.dim)
+        """[N, D] float32, C-contiguous and read-only (cached), so every search runs on one dense matrix
+        instead of a strided view into the structured entries."""
+        def build() -> np.ndarray:
+            matrix = np.ascontiguousarray(self.entries["embedding"], np.float32).reshape(len(self.entries), self.dim)
+            matrix.flags.writeable = False
+            return matrix
+
+        return self._cached("embeddings", build)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -337,8 +367,8 @@ class Gallery:
         if len(query) != 1:
             raise PetalError(f"identify() takes one embedding [{self.dim}], got {len(query)}; use scores() for many")
         row = self.scores(query)[0]
-        order = np.argsort(-row)[: max(1, top_k)]
-        ranked = [(str(self.entries["name"][i]), float(row[i])) for i in order]
+        names = self.names
+        ranked = [(names[i], float(row[i])) for i in top_k_indices(row, top_k)]
         best_name, best = ranked[0]
         return Match(best_name if best >= threshold else UNKNOWN, best, ranked)
 

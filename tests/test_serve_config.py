@@ -80,3 +80,18 @@ def test_cli_prints_the_example_and_refuses_a_bad_config(files):
     assert result.exit_code == 2 and "unknown key 'prot' in [http]" in result.output
     result = invoke(serve_cli, [files / "missing.toml"])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_serve_imports_no_torch():
+    import subprocess
+    import sys
+
+    from runtime_support import REPO
+
+    code = ("import sys\n"
+            "for name in ('petal_runtime.serve', 'petal_runtime.serve.cli', 'petal_runtime.serve.service'):\n"
+            "    __import__(name)\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'petal_train', 'petal_export'))\n"
+            "assert not bad, bad\nprint('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
