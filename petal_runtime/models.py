@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,17 +101,17 @@ def verify_file(models_dir: str | Path, name: str, manifest: Manifest) -> str:
     """sha256 of `models_dir/name` as read now, checked against the digest manifest.json lists for it.
 
     A file the manifest does not list (a manifest written before file digests, or a file added by
-    hand) cannot be checked: it is read, hashed and warned about.
+    hand) cannot be checked, so it is refused: nothing unverified is loaded.
     """
     path = Path(models_dir) / name
     if not path.is_file():
         raise PetalError(f"{path} not found: {models_dir} is not a complete petal-export folder")
-    digest = _file_sha256(path)
     expected = manifest.files.get(name)
     if expected is None:
-        warnings.warn(f"{path} is not listed in {MANIFEST_FILE}, so it cannot be verified", RuntimeWarning,
-                      stacklevel=3)
-    elif digest != expected:
+        raise PetalError(f"{path} is not listed in {MANIFEST_FILE}, so it cannot be verified and is not loaded; "
+                         "re-run petal-export to write it with its digest")
+    digest = _file_sha256(path)
+    if digest != expected:
         raise PetalError(f"{path} is damaged or was replaced: its sha256 {digest[:12]}... is not the "
                          f"{str(expected)[:12]}... {MANIFEST_FILE} lists; re-run petal-export")
     return digest

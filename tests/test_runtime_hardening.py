@@ -85,6 +85,19 @@ def test_a_damaged_variant_is_refused_when_it_is_the_one_loaded(setup, tmp_path)
         Models(folder, precision="fp16")
 
 
+def test_a_model_file_the_manifest_does_not_list_is_refused_not_loaded(setup, tmp_path):
+    """A variant dropped in by hand cannot be verified: it used to load with a warning."""
+    models, _, _ = setup
+    folder = copy_models(models, tmp_path / "models")
+    for graph in ("recognizer", "iqa"):
+        shutil.copy(folder / f"{graph}.onnx", folder / f"{graph}.fp16.onnx")  # not in manifest.json
+    with Models(folder):  # FP32 is listed and loads
+        pass
+    with pytest.raises(PetalError, match=r"recognizer.fp16.onnx is not listed in manifest.json, so it cannot be "
+                                         r"verified and is not loaded"):
+        Models(folder, precision="fp16")
+
+
 def test_the_gallery_fingerprint_is_the_digest_of_the_files_read(setup, tmp_path):
     """A file swapped together with its manifest entry is other models: its galleries are refused."""
     models, gallery, _ = setup

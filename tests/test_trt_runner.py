@@ -18,7 +18,7 @@ import pytest
 
 import runtime_support as rs
 import trt_fakes
-from trt_fakes import IQA_SPEC, RECOGNIZER_SPEC, expected_embedding, write_spec_engine
+from trt_fakes import IQA_SPEC, RECOGNIZER_SPEC, expected_embedding, list_in_manifest, write_spec_engine
 from petal_runtime.backends import choose_backend
 from petal_runtime.backends.trt.loader import EngineFromFile
 from petal_runtime.backends.trt.memory import CudaPythonMemory, DeviceInfo, PycudaMemory, get_memory, probe_gpu
@@ -148,6 +148,7 @@ def test_auto_picks_tensorrt_when_library_gpu_and_engines_exist(fake_gpu, tmp_pa
     assert spec.name == "onnxruntime"  # no engines yet
     write_spec_engine(tmp_path, "recognizer.fp16.engine", RECOGNIZER_SPEC, fake_gpu.version)
     write_spec_engine(tmp_path, "iqa.fp16.engine", IQA_SPEC, fake_gpu.version)
+    list_in_manifest(tmp_path, "recognizer.fp16.engine", "iqa.fp16.engine")
     spec, _ = choose_backend("auto", tmp_path)
     assert spec.name == "tensorrt"
     with Models(tmp_path) as models:

@@ -704,3 +704,14 @@ def write_spec_engine(folder: Path, name: str, spec: dict, version: str = TRT10,
 
     header = EngineHeader.for_device(version, DeviceInfo("Fake GPU", cc), graph=name.split(".")[0], **extra)
     return write_engine_file(Path(folder) / name, json.dumps(spec).encode(), header)
+
+
+def list_in_manifest(folder: Path, *names: str) -> None:
+    """Record files' sha256 in folder/manifest.json, as petal-export does for every file it writes
+    (the runtime refuses a model file its manifest does not list)."""
+    from petal_runtime.files import sha256_file
+
+    path = Path(folder) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.setdefault("files", {}).update({name: sha256_file(Path(folder) / name) for name in names})
+    path.write_text(json.dumps(manifest))
