@@ -500,6 +500,7 @@ class Pipeline:
                     self.stats.add("decode", time.perf_counter() - t0)
                     self.stats.frames_read += 1
                     frames_q.put(frame, stop)
+                    self.stats.dropped_frames = frames_q.dropped  # live, for a service's metrics
             finally:
                 self.stats.dropped_frames = frames_q.dropped
                 if owned:

@@ -78,7 +78,7 @@ class SourceSection:
     detect_every: int = 4
     selection: str = "best"
     per_track: int = 3
-    queue_size: int = 8
+    queue_size: int = 2  # frames between stages: small keeps event latency low on a busy machine
     connect_retries: int = 3  # attempts before a live source is refused at startup
     reconnect_backoff_s: list[float] = field(default_factory=lambda: [0.5, 30.0])  # first and longest wait
 
@@ -379,7 +379,7 @@ url = "door.mp4"                  # required: a file, an image folder, rtsp://..
 # detect_every = 4                # full-frame detection every N frames, tracking in between
 # selection = "best"              # best: the recognizer on each track's best crops; all: on every crop
 # per_track = 3
-# queue_size = 8
+# queue_size = 2                  # frames held between stages (more: smoother, but later events)
 # connect_retries = 3             # a live source that does not answer after these is refused at startup
 # reconnect_backoff_s = [0.5, 30.0]
 
