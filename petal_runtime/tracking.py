@@ -125,6 +125,7 @@ class Tracker:
         self.aliases: dict[int, int] = {}  # merged id -> surviving id
         self._live: list[int] = []
         self._next = 1
+        self._released_at = 0
         self.lock = threading.RLock()
 
     # --- association
@@ -167,9 +168,21 @@ class Tracker:
                     self.tracks[track.track_id] = track
                     self._live.append(track.track_id)
                     ids[di] = track.track_id
+            if frame - self._released_at >= self.reid_window:
+                self._release(frame)
             if len(self.tracks) > self.max_tracks:
                 self._forget(frame)
             return [int(i) for i in ids]  # type: ignore[arg-type]
+
+    def _release(self, frame: int) -> None:
+        """Ended tracks past the re-identification window keep their summary only: their embeddings
+        and template serve re-identification alone, so an endless stream holds ~200 bytes per ended
+        track (up to max_tracks of them) instead of a few KB."""
+        self._released_at = frame
+        live = set(self._live)
+        for track in self.tracks.values():
+            if track.kept and track.track_id not in live and frame - track.last_frame > self.reid_window:
+                track.kept, track.template = [], None
 
     def _forget(self, frame: int) -> None:
         live = set(self._live)

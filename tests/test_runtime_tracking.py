@@ -90,3 +90,20 @@ def test_forgetting_bounds_memory():
     for f in range(0, 400, 4):  # a new face every 4 frames, each seen once
         tracker.associate(f, [np.array([f % 300, 0, 20, 20.0])])
     assert len(tracker.tracks) <= 51 and tracker.forgotten >= 49
+
+
+def test_ended_tracks_past_the_reid_window_drop_their_embeddings_and_keep_their_summary():
+    tracker = Tracker(reid_window=5, max_missed=1, keep=6)
+    rng = np.random.default_rng(0)
+    for f in range(0, 200, 4):  # a new face every 4 frames (far from the last), each with embeddings
+        (track_id,) = tracker.associate(f, [np.array([(f * 7) % 600, 0, 20, 20.0])])
+        for q in (0.2, 0.5, 0.8):
+            e = rng.normal(size=128)
+            tracker.add_embedding(track_id, e / np.linalg.norm(e), q)
+        tracker.get(track_id).identity = f"person {f}"
+    old = [t for t in tracker.all_tracks() if 196 - t.last_frame > 2 * tracker.reid_window]
+    assert len(old) > 40
+    assert all(t.kept == [] and t.template is None for t in old)
+    assert all(t.identity.startswith("person ") and t.embeddings_seen >= 3 for t in old)
+    recent = tracker.get(track_id)
+    assert len(recent.kept) == 3 and recent.template is not None  # still a re-identification candidate
