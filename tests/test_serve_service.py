@@ -45,10 +45,12 @@ def config(models, gallery, sources, **sections) -> ServeConfig:
 
 
 class Endpoint:
-    """A webhook receiver on 127.0.0.1: answers 503 to its first `fail` calls, sleeps `delay` per call."""
+    """A webhook receiver on 127.0.0.1: answers 503 to its first `fail` calls; with `hold`, answers nothing
+    until `gate` is set (at most 60 s)."""
 
-    def __init__(self, fail: int = 0, delay: float = 0.0) -> None:
-        self.calls, self.events, self.fail, self.delay = 0, [], fail, delay
+    def __init__(self, fail: int = 0, hold: bool = False) -> None:
+        self.calls, self.events, self.fail, self.hold = 0, [], fail, hold
+        self.gate = threading.Event()
         self.lock = threading.Lock()
         outer = self
 
@@ -58,8 +60,8 @@ class Endpoint:
                 with outer.lock:
                     outer.calls += 1
                     failing = outer.calls <= outer.fail
-                if outer.delay:
-                    time.sleep(outer.delay)
+                if outer.hold:
+                    outer.gate.wait(60)
                 if not failing:
                     outer.events.append(json.loads(body))
                 self.send_response(503 if failing else 200)
@@ -257,30 +259,34 @@ def test_gallery_swapped_while_running(setup, tmp_path):
 
 
 def test_slow_sink_does_not_stall_recognition(setup):
-    """A webhook that takes 2 s per event, with room for 2: recognition goes at full speed, the oldest
-    events drop (counted), stdout gets every event."""
+    """A webhook that does not answer, with room for 2 events: both sources are analysed to the end and
+    stdout gets every event while the webhook has delivered nothing; the oldest events drop, counted."""
     models, gallery, clip = setup
-    endpoint = Endpoint(delay=2.0)
+    endpoint = Endpoint(hold=True)
     cfg = config(models, gallery, [{"name": "a", "url": str(clip.path)}, {"name": "b", "url": str(clip.path)}],
-                 service={"drain_s": 0.5}, http={"enabled": False},
-                 sinks={"webhook": {"url": endpoint.url, "queue_size": 2, "timeout_s": 5.0, "retries": 0}})
+                 service={"drain_s": 2.0}, http={"enabled": False},
+                 sinks={"webhook": {"url": endpoint.url, "queue_size": 2, "timeout_s": 30.0, "retries": 0}})
     stdout = io.StringIO()
     try:
-        start = time.monotonic()
         with Service(cfg, stdout=stdout) as service:
             service.start()
-            assert service.wait(timeout=120)
-            took = time.monotonic() - start
+            assert service.wait(timeout=180)
             webhook = next(s for s in service.sinks if s.name == "webhook")
             status = service.sources_status()
+            metrics = parse_metrics(service.metrics_text())
+            events = events_of(stdout.getvalue())
+            assert all(s["frames"] == clip.frames for s in status["sources"])
+            assert len(events) >= 12 and webhook.delivered == 0
+            assert webhook.dropped == len(events) - 3  # two queued, one in flight
+            assert metrics["petal_sink_dropped_total"]['{sink="webhook"}'] == webhook.dropped
+            endpoint.gate.set()  # the endpoint answers again: what is held is delivered at shutdown
             service.stop()
     finally:
+        endpoint.gate.set()
         endpoint.close()
-    events = events_of(stdout.getvalue())
-    assert all(s["frames"] == clip.frames for s in status["sources"])
-    assert len(events) >= 12 and webhook.dropped >= len(events) - 4
-    # With a sink that stalled, the run would take 2 s per event (> 24 s).
-    assert took < 2.0 * len(events) / 2
+    assert webhook.delivered == 3 and len(endpoint.events) == 3
+    # The one in flight (the first event), then the two newest; everything between was dropped.
+    assert [e["seq"] for e in endpoint.events] == [events[0]["seq"]] + [e["seq"] for e in events[-2:]]
 
 
 def test_port_in_use_is_one_line(setup):

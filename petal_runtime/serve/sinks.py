@@ -97,7 +97,11 @@ class Sink:
                 self.cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
         self._stop.set()
         self.thread.join(timeout=max(0.1, deadline - time.monotonic()) + 1.0)
-        self.finish()
+        with self.cond:  # what is still queued is given up on (an event in flight ends within timeout_s)
+            self.failed += len(self.queue)
+            self.queue.clear()
+        if not self.thread.is_alive():
+            self.finish()
 
     def finish(self) -> None:
         """Release what the sink holds (files), after the last delivery."""
