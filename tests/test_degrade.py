@@ -56,3 +56,14 @@ def test_family_probes_are_low_resolution_versions_of_the_face(face, family):
     assert detail(probe) < 0.7 * detail(face)
     if family == "grayscale":
         assert np.array_equal(probe[..., 0], probe[..., 1])
+
+
+def test_plain_faces_are_only_resized_at_the_asked_rate_and_leave_the_default_stream_alone():
+    draws = [sample_degradation(np.random.default_rng(i), DegradeConfig(p_plain=0.3)) for i in range(2000)]
+    plain = np.mean([not d.families for d in draws])
+    # 0.3 asked, plus the 0.7 ** 9 = 4 % the composition leaves plain by itself
+    assert 0.3 <= plain <= 0.38, plain
+    # p_plain 0 draws nothing extra: the benchmark's probes (default composition) stay what they were
+    assert all(sample_degradation(np.random.default_rng(i)) == sample_degradation(
+        np.random.default_rng(i), DegradeConfig(p_plain=0.0)) for i in range(200))
+    assert not sample_degradation(np.random.default_rng(1), DegradeConfig(p_plain=1.0)).families
