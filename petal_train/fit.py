@@ -67,8 +67,8 @@ PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # What a resumed run must share with the run it continues.
 RESUME_KEYS = ("data", "backbone", "backbone_weights", "mode", "rank", "lora_scale", "head", "head_scale",
-               "margin", "holdout_fraction", "seed", "p_clean", "distill", "freeze_centres", "exclude_families",
-               "drop_eval_identities")
+               "margin", "holdout_fraction", "seed", "p_clean", "p_plain", "distill", "freeze_centres",
+               "exclude_families", "drop_eval_identities")
 
 
 @dataclass
@@ -100,6 +100,7 @@ class FitConfig:
     freeze_centres: bool = False
     distill: float = 0.0
     p_clean: float = 0.3  # probability a training sample is left undegraded
+    p_plain: float = 0.0  # probability a degraded sample is only resized (DegradeConfig.p_plain)
     exclude_families: tuple[str, ...] = ()  # degradation families never drawn (leave-one-family-out)
     holdout_fraction: float = 0.0
     drop_eval_identities: bool = False  # train on the rest of a set that holds evaluation identities
@@ -134,6 +135,8 @@ class FitConfig:
             raise PetalError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:
             raise PetalError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.p_plain <= 1.0:
+            raise PetalError(f"--p-plain must be in [0, 1], got {self.p_plain}")
         if self.distill < 0:
             raise PetalError(f"--distill must be non-negative, got {self.distill}")
         unknown = sorted(set(self.exclude_families) - set(FAMILIES) - {"grayscale"})
@@ -341,7 +344,8 @@ class Trainer:
                                                      progress=config.progress and ctx.is_main,
                                                      drop_eval_identities=config.drop_eval_identities)
         self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean,
-                                     config=DegradeConfig(exclude=tuple(config.exclude_families)),
+                                     config=DegradeConfig(exclude=tuple(config.exclude_families),
+                                                          p_plain=config.p_plain),
                                      with_clean=config.distill > 0)
         self.global_batch = config.batch_size * ctx.world_size
         self.steps_per_epoch = (len(self.dataset) // ctx.world_size) // config.batch_size
@@ -502,7 +506,9 @@ class Trainer:
         return {"config": asdict(self.cfg), "world_size": self.ctx.world_size, "global_batch": self.global_batch,
                 "device": str(self.device), "backend": self.ctx.backend or "single-process",
                 "layout": self.data.layout, "train_images": len(self.data), "train_identities": self.data.num_classes,
-                "holdout_identities": self.data.holdout, "evaluation_identities_dropped": len(self.data.evaluation_dropped), "skipped": dict(self.data.skipped.reasons),
+                "holdout_identities": self.data.holdout,
+                "evaluation_identities_dropped": len(self.data.evaluation_dropped),
+                "skipped": dict(self.data.skipped.reasons),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "calibration": self.calibration, "iqa_sha256": self.iqa_sha256, "base_sha256": self.base_sha256,
                 "adapters": str(self.built.report), "torch": torch.__version__}
@@ -705,22 +711,28 @@ _DEFAULTS = FitConfig(data="", out="")
 @click.command("fit")
 @click.option("--data", required=True, help="Dataset folder (identity folders, TinyFace or RecordIO) or `portraits`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (ckpt.pt, metrics.jsonl).")
-@click.option("--backbone", default="sface", show_default=True)
-@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), help="Base weights for backbones PETAL cannot fetch.")
-@click.option("--mode", type=click.Choice(MODES), default="petal", show_default=True)
-@click.option("--rank", default=8, show_default=True, help="Adapter rank.")
-@click.option("--epochs", default=1, show_default=True)
-@click.option("--max-steps", type=int, help="Stop after this many steps in total (with a checkpoint).")
-@click.option("--batch-size", default=8, show_default=True, help="Per process.")
-@click.option("--lr", default=5e-4, show_default=True)
-@click.option("--weight-decay", default=0.1, show_default=True)
-@click.option("--warmup-epochs", default=1.0, show_default=True)
-@click.option("--head", type=click.Choice(tuple(HEADS)), default="arcface", show_default=True)
+@click.option("--backbone", default=_DEFAULTS.backbone, show_default=True)
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Base weights for backbones PETAL cannot fetch.")
+@click.option("--mode", type=click.Choice(MODES), default=_DEFAULTS.mode, show_default=True)
+@click.option("--rank", default=_DEFAULTS.rank, show_default=True, help="Adapter rank.")
+@click.option("--epochs", default=_DEFAULTS.epochs, show_default=True)
+@click.option("--max-steps", type=int, help="Stop after this many steps in total (with a checkpoint); the learning "
+                                            "rate decays to zero there.")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, show_default=True, help="Per process.")
+@click.option("--lr", default=_DEFAULTS.lr, show_default=True)
+@click.option("--weight-decay", default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--warmup-epochs", default=_DEFAULTS.warmup_epochs, show_default=True)
+@click.option("--head", type=click.Choice(tuple(HEADS)), default=_DEFAULTS.head, show_default=True)
 @click.option("--margin", type=float, help="Margin of the head (ArcFace 0.5, CosFace 0.4 by default).")
-@click.option("--head-init", type=click.Choice(HEAD_INITS), default="embeddings", show_default=True,
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=_DEFAULTS.head_init, show_default=True,
               help="Class centres start at each identity's clean embedding, or random.")
 @click.option("--dropout", type=float, help="Set every dropout probability (adapters and backbone).")
-@click.option("--p-clean", default=0.3, show_default=True, help="Probability a sample is left undegraded.")
+@click.option("--p-clean", default=_DEFAULTS.p_clean, show_default=True,
+              help="Probability a sample is left undegraded.")
+@click.option("--p-plain", default=_DEFAULTS.p_plain, show_default=True,
+              help="Probability a degraded sample is only resized, no other degradation (a third party's clean "
+                   "downsample).")
 @click.option("--distill", default=_DEFAULTS.distill, show_default=True,
               help="Weight of 1 - cos(adapted embedding, frozen embedding of the clean crop); 0: the paper's recipe.")
 @click.option("--freeze-centres", is_flag=True,
@@ -729,16 +741,20 @@ _DEFAULTS = FitConfig(data="", out="")
 @click.option("--exclude-family", "exclude_families", multiple=True, type=click.Choice([*FAMILIES, "grayscale"]),
               help="A degradation family never drawn in training (repeatable; leave-one-family-out).")
 @click.option("--drop-eval-identities", is_flag=True,
-              help="Drop the evaluation identities (petal_train/splits/lfw_eval.txt) the data holds, instead of refusing it.")
-@click.option("--holdout-fraction", default=0.0, show_default=True, help="Identities kept out of training (seeded).")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="Calibration JSON with the threshold t.")
+              help="Drop the evaluation identities (petal_train/splits/lfw_eval.txt) the data holds, instead of "
+                   "refusing it.")
+@click.option("--holdout-fraction", default=_DEFAULTS.holdout_fraction, show_default=True,
+              help="Identities kept out of training (seeded).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration JSON with the threshold t.")
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", type=click.Choice(D.DEVICES), default="auto", show_default=True)
-@click.option("--nproc", default=1, show_default=True, help="Local processes (DDP); or launch with torchrun.")
+@click.option("--seed", default=_DEFAULTS.seed, show_default=True)
+@click.option("--device", type=click.Choice(D.DEVICES), default=_DEFAULTS.device, show_default=True)
+@click.option("--nproc", default=_DEFAULTS.nproc, show_default=True,
+              help="Local processes (DDP); or launch with torchrun.")
 @click.option("--workers", type=int, help="DataLoader workers per process (default 0 on CPU, 4 on GPU).")
-@click.option("--log-every", default=10, show_default=True)
-@click.option("--save-every", default=0, show_default=True, help="Also checkpoint every N steps.")
+@click.option("--log-every", default=_DEFAULTS.log_every, show_default=True)
+@click.option("--save-every", default=_DEFAULTS.save_every, show_default=True, help="Also checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def fit_command(no_progress: bool, **options) -> None:
