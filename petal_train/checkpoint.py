@@ -75,6 +75,21 @@ class AdapterCheckpoint:
                                        for k, v in self.backbone_state.items()},
                        progress={k: v for k, v in self.progress.items() if k in RELEASE_PROGRESS})
 
+    def with_adapter_scale(self, factor: float) -> "AdapterCheckpoint":
+        """The same adapters with their output scaled by `factor`: W0 + factor * dW, the frozen base at 0.
+
+        A weight-space interpolation between the frozen recognizer and the trained one (WiSE-FT):
+        a smaller factor keeps more of what the base knew, on faces unlike the training degradations.
+        """
+        if not 0.0 < factor <= 1.0:
+            raise PetalError(f"the adapter scale must be in (0, 1], got {factor}")
+        if self.backbone_state:
+            raise PetalError("a full fine-tuning checkpoint has no adapters to scale")
+        from dataclasses import replace
+
+        return replace(self, lora=replace(self.lora, scale=self.lora.scale * factor),
+                       training={**self.training, "adapter_scale": self.training.get("adapter_scale", 1.0) * factor})
+
     def apply_to(self, backbone: torch.nn.Module, expected_base_sha256: str) -> None:
         """Load the adapters (or the full state) into an injected backbone built on the same base."""
         if self.base_sha256 != expected_base_sha256:

@@ -40,14 +40,21 @@ cli.add_command(calibrate_command)
 cli.add_command(fit_command)
 cli.add_command(eval_command)
 cli.add_command(grad_report_command)
+
+
 @cli.command("release")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where to write the release file.")
-def release(checkpoint: str, out: str) -> None:
+@click.option("--adapter-scale", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Scale every adapter's output: W0 + s * dW (1: as trained; smaller keeps more of the frozen base).")
+def release(checkpoint: str, out: str, adapter_scale: float) -> None:
     """Strip a run's checkpoint for shipping: FP16 adapters, no head or optimizer state."""
     from .checkpoint import load_checkpoint
 
-    path = load_checkpoint(checkpoint).for_release().save(out)
+    ckpt = load_checkpoint(checkpoint)
+    if adapter_scale != 1.0:
+        ckpt = ckpt.with_adapter_scale(adapter_scale)
+    path = ckpt.for_release().save(out)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

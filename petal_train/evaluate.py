@@ -196,7 +196,7 @@ class EvalModel:
         out = []
         for start in range(0, len(images), batch):
             x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch].transpose(0, 3, 1, 2)))
-            x = x.to(self.device).float()
+            x = x.to(self.device).float().contiguous(memory_format=torch.channels_last)
             if self.iqa is not None:
                 alpha = alpha_from_quality(self.iqa(x), self.threshold, self.alpha_clip)
             else:
@@ -205,9 +205,18 @@ class EvalModel:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """oneDNN (CPU) and cuDNN run these convs about a third faster in channels_last (as training does)."""
+    return module.to(memory_format=torch.channels_last)
+
+
 def load_model(checkpoint: str | Path | None = None, backbone: str = "sface", backbone_weights: str | None = None,
-               iqa: str | Path | None = None, device: str = "auto") -> EvalModel:
-    """The frozen base (no checkpoint) or a trained checkpoint applied to its base."""
+               iqa: str | Path | None = None, device: str = "auto", adapter_scale: float = 1.0) -> EvalModel:
+    """The frozen base (no checkpoint) or a trained checkpoint applied to its base.
+
+    `adapter_scale` multiplies every adapter's output (weight-space interpolation between the frozen
+    base at 0 and the trained adapters at 1, as `petal-train release --adapter-scale` ships it).
+    """
     from .checkpoint import load_checkpoint
     from .distributed import resolve_device
     from .fit import base_weights_sha256
@@ -217,13 +226,16 @@ def load_model(checkpoint: str | Path | None = None, backbone: str = "sface", ba
     kwargs = {"weights": backbone_weights} if backbone_weights else {}
     if checkpoint is None:
         built = build_recognizer(backbone, mode="frozen", **kwargs)
-        return EvalModel(built.recognizer.eval().to(dev), "frozen", dev, description=f"{backbone} (frozen base)")
+        return EvalModel(_channels_last(built.recognizer.eval().to(dev)), "frozen", dev,
+                         description=f"{backbone} (frozen base)")
     ckpt = load_checkpoint(checkpoint)
+    if adapter_scale != 1.0:
+        ckpt = ckpt.with_adapter_scale(adapter_scale)
     lora = ckpt.lora
     built = build_recognizer(ckpt.backbone, mode=lora.mode, rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
                              targets=lora.targets, **kwargs)
     ckpt.apply_to(built.recognizer.backbone, base_weights_sha256(ckpt.backbone, backbone_weights))
-    model = EvalModel(built.recognizer.eval().to(dev), lora.mode, dev, threshold=ckpt.iqa_threshold,
+    model = EvalModel(_channels_last(built.recognizer.eval().to(dev)), lora.mode, dev, threshold=ckpt.iqa_threshold,
                       alpha_clip=ckpt.alpha_clip, description=f"{ckpt.backbone} {lora.mode} ({checkpoint})")
     if lora.mode == "petal":
         from .iqa import QualityScorer, load_iqa
