@@ -117,3 +117,28 @@ def test_release_copy_keeps_the_recipe_but_not_the_training_machines_paths(train
     released = full.for_release()
     assert released.training["config"] == {"epochs": 8, "lr": 5e-4}
     assert released.head == {} and full.training["config"]["out"] == "/home/someone/runs/petal"
+
+
+def test_an_adapter_scale_interpolates_between_the_frozen_base_and_the_trained_adapters(trained_like, lfw_faces,
+                                                                                      tmp_path):
+    from click.testing import CliRunner
+
+    from petal_train.cli import cli
+    from petal_train.evaluate import load_model
+
+    from dataclasses import replace
+
+    from petal_train.iqa import load_iqa
+
+    path = replace(_checkpoint(trained_like), iqa_sha256=load_iqa()[1]).save(tmp_path / "ckpt.pt")
+    faces = lfw_faces.images[:8]
+    frozen, full = load_model(None, device="cpu").embed(faces), load_model(path, device="cpu").embed(faces)
+    half = load_model(path, device="cpu", adapter_scale=0.5).embed(faces)
+    moved = lambda e: 1 - (e * frozen).sum(1).mean()  # noqa: E731
+    assert 0 < moved(half) < moved(full), "half the adapters move the embedding, less than all of them"
+    with pytest.raises(PetalError, match=r"in \(0, 1\]"):
+        load_checkpoint(path).with_adapter_scale(0.0)
+    result = CliRunner().invoke(cli, ["release", str(path), "-o", str(tmp_path / "rel.pt"), "--adapter-scale", "0.5"])
+    assert result.exit_code == 0, result.output
+    released = load_checkpoint(tmp_path / "rel.pt")
+    assert released.lora.scale == 0.5 * trained_like.lora.scale and released.training["adapter_scale"] == 0.5
