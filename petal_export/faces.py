@@ -15,6 +15,7 @@ import numpy as np
 
 from petal_runtime.contract import to_model_input
 from petal_runtime.errors import PetalError
+from petal_runtime.images import IMAGE_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION_DIR = REPO / "calibration"
@@ -22,8 +23,6 @@ SHARED_FACES = REPO.parent / "shared" / "data" / "faces" / "lfw10"
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    from petal_train.faces import IMAGE_SUFFIXES
-
     folder = Path(folder)
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -36,7 +35,7 @@ def load_face_folder(folder: str | Path, limit: int | None = None, size: int = 1
     """
     import cv2
 
-    from petal_train.faces import Aligner, read_rgb
+    from petal_runtime.images import FaceAligner, read_rgb
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -46,13 +45,13 @@ def load_face_folder(folder: str | Path, limit: int | None = None, size: int = 1
         raise PetalError(f"{what} folder {folder} holds no images (.jpg, .png, ...)")
     if limit and len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
-    aligner: Aligner | None = None
+    aligner: FaceAligner | None = None
     faces, skipped = [], 0
     for path in files:
         rgb = read_rgb(path)
         if rgb is not None and rgb.shape[:2] != (112, 112):
-            aligner = aligner or Aligner()
-            rgb = aligner(rgb)
+            aligner = aligner or FaceAligner()
+            rgb = aligner.from_rgb(rgb)
         if rgb is None:
             skipped += 1
             continue

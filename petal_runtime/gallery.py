@@ -23,19 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import cv2
 import numpy as np
 
-from .align import align_face
-from .contract import FACE_SIZE, to_model_input
+from .contract import to_model_input
 from .errors import PetalError
 from .files import atomic_path, atomic_write_text, first_line, read_json
+from .images import IMAGE_SUFFIXES, read_image
+from .images import FaceAligner as ImageFaceAligner
 from .schema import from_json
 
 NAME_LENGTH = 128
 GALLERY_FORMAT = 2  # 2: the .json names the sha256 of its .npy (entries_sha256)
 MAX_DIM = 65536
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 UNKNOWN = "unknown"
 
 
@@ -374,34 +373,6 @@ class Gallery:
 
 
 # ----------------------------------------------------------------------------- building from images
-
-
-class ImageFaceAligner:
-    """Largest face of a photograph, aligned to 112x112 RGB; 112x112 inputs are taken as aligned."""
-
-    def __init__(self, detector=None) -> None:
-        from .detect import FaceDetector
-
-        self.detector = detector or FaceDetector(score_threshold=0.5)
-
-    def __call__(self, bgr: np.ndarray) -> np.ndarray | None:
-        from .detect import largest
-
-        if bgr.ndim == 2:
-            bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if bgr.shape[:2] == (FACE_SIZE, FACE_SIZE):
-            return rgb
-        # Gallery photos come in every size: bring the longer side near 320-640 px for YuNet.
-        longest = max(bgr.shape[:2])
-        self.detector.scale = 320.0 / longest if longest < 320 else min(1.0, 640.0 / longest)
-        face = largest(self.detector.detect(bgr))
-        return None if face is None else align_face(rgb, face.landmarks)
-
-
-def read_image(path: str | Path) -> np.ndarray | None:
-    data = np.fromfile(str(path), dtype=np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import cv2
 import numpy as np
 
 from .errors import PetalError
+from .images import IMAGE_SUFFIXES, read_image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
 MAX_CONSECUTIVE_ERRORS = 200  # a file this broken in a row is not worth reading on
 
@@ -442,8 +441,7 @@ class ImageFolderSource(Source):
         for index, path in enumerate(self.paths):
             if self._closed.is_set():
                 break
-            data = np.fromfile(str(path), dtype=np.uint8)
-            image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+            image = read_image(path)
             if image is None:
                 self.stats.unreadable_images += 1
                 self.stats.note(f"unreadable image {path.name}")

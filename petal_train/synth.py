@@ -25,10 +25,10 @@ import numpy as np
 
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path, atomic_write_text
+from petal_runtime.images import IMAGE_SUFFIXES, read_rgb
 
 from .degrade import Degradation, apply_degradation
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def people_from_folder(root: str | Path, per_identity: int = 1, skip: int = 0, i
         files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES][skip:]
         found = 0
         for path in files:
-            bgr = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)
-            if bgr is None:
+            rgb = read_rgb(path)
+            if rgb is None:
                 continue
-            person = person_from_image(folder.name, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), detector, str(path))
+            person = person_from_image(folder.name, rgb, detector, str(path))
             if person is not None:
                 people.append(person)
                 found += 1
