@@ -51,3 +51,22 @@ def test_default_int8_iqa_stays_inside_the_verifier_tolerance(fresh_install_sets
               for case, feed in iqa_cases(iqa_faces)}
     assert set(errors) == {"112x112", "batch 1", "56x56", "96x104"}
     assert max(errors.values()) <= MAX_QUALITY_ERROR["int8"], errors
+
+
+def test_the_first_convolution_on_the_image_stays_in_float():
+    """INT8 on SFace's first conv (its BatchNorm folded in) alone took the cosine to FP32 from 0.99 to 0.86."""
+    from onnx import TensorProto, helper
+
+    from petal_export.int8 import first_convolutions
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["image", "mean"], ["centred"], name="normalise"),
+         helper.make_node("Conv", ["centred", "w"], ["c1"], name="first"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="act"),
+         helper.make_node("Conv", ["r1", "w"], ["c2"], name="second"),
+         helper.make_node("Conv", ["image", "w"], ["side"], name="also_first")],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("c2", TensorProto.FLOAT, None)],
+        [weight, helper.make_tensor("mean", TensorProto.FLOAT, [1], [0.5])])
+    assert first_convolutions(helper.make_model(graph)) == ["first", "also_first"]
