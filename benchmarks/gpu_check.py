@@ -211,7 +211,7 @@ def accuracy(check: Check, models: Path) -> None:
                 else:
                     row["status"] = "pass" if row["min_cosine"] >= 0.9999 else "FAIL"
             except Exception as exc:
-                row.update(status="failed", why=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                row.update(status="failed", why=f"{type(exc).__name__}: {first_line(exc)}")
         check.report["accuracy"].append(row)
         print(f"  accuracy {label}: {row.get('status')} {row.get('min_cosine', '')} {row.get('why', '')}", flush=True)
 
@@ -243,7 +243,7 @@ def recognizer_speed(check: Check, models: Path, seconds_per_case: float = 2.0) 
                     median = statistics.median(times)
                     row[f"batch {batch}"] = {"ms": round(1000 * median, 3), "faces_per_s": round(batch / median, 1)}
         except Exception as exc:
-            row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            row["failed"] = f"{type(exc).__name__}: {first_line(exc)}"
         check.report["speed"].append(row)
         print(f"  speed {label}: {row}", flush=True)
 
@@ -281,7 +281,7 @@ def end_to_end(check: Check, models: Path, seconds: float) -> None:
                     row.update(status="ok", runs_on=pipeline.models.description(), frames=frames,
                                fps=round(frames / wall, 1), tracks=named, truth=list(clip.identities))
             except Exception as exc:
-                row.update(status="failed", why=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                row.update(status="failed", why=f"{type(exc).__name__}: {first_line(exc)}")
         check.report["end_to_end"].append(row)
         print(f"  petal-run {backend}: {row.get('fps', row.get('why'))}", flush=True)
 

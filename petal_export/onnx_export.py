@@ -18,6 +18,7 @@ import torch
 
 from petal_runtime.contract import ALPHA_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, QUALITY_OUTPUT
 from petal_runtime.errors import PetalError
+from petal_runtime.files import first_line
 
 OPSET = 17
 BATCH_DIM = "N"
@@ -92,8 +93,7 @@ def check_graph(model: onnx.ModelProto, graph: str, embedding_size: int | None =
         onnx.checker.check_model(model, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise PetalError(f"exported {graph} graph fails the ONNX checker: {first}") from None
+        raise PetalError(f"exported {graph} graph fails the ONNX checker: {first_line(exc, 200)}") from None
     if model.opset_import[0].version < OPSET:
         raise PetalError(f"exported {graph} graph has opset {model.opset_import[0].version}, need >= {OPSET}")
     inputs = {i.name: i for i in inferred.graph.input}

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import PetalError
+from .files import first_line
 from .images import IMAGE_SUFFIXES, read_image
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt", "rtp")
@@ -103,11 +104,6 @@ def _av():
     return av
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
-
-
 class _PyAVReader:
     """Demux and decode one opened container's first video stream, past broken packets."""
 
@@ -140,9 +136,7 @@ class _PyAVReader:
             except av.error.EOFError:
                 break
             except av.error.FFmpegError as exc:
-                self.stats.broken_packets += 1
-                self.stats.note(f"demux: {_short(exc)}")
-                errors_in_row += 1
+                errors_in_row = self._broken("demux", exc, errors_in_row)
                 if errors_in_row > MAX_CONSECUTIVE_ERRORS:
                     break
                 demux = self.container.demux(self.stream)  # a failed generator is finished; resume
@@ -153,9 +147,7 @@ class _PyAVReader:
                 with self._busy:
                     decoded = packet.decode() if not self._closed else []
             except av.error.FFmpegError as exc:
-                self.stats.broken_packets += 1
-                self.stats.note(f"decode: {_short(exc)}")
-                errors_in_row += 1
+                errors_in_row = self._broken("decode", exc, errors_in_row)
                 if errors_in_row > MAX_CONSECUTIVE_ERRORS:
                     break
                 continue
@@ -171,9 +163,15 @@ class _PyAVReader:
                     yield index, frame.time, self._to_bgr(frame)
                     index += 1
             except av.error.FFmpegError as exc:
-                self.stats.note(f"flush: {_short(exc)}")
+                self.stats.note(f"flush: {first_line(exc, 200)}")
         if self._close_later:
             self._close_now()
+
+    def _broken(self, stage: str, exc: BaseException, errors_in_row: int) -> int:
+        """A packet that failed to demux or decode: counted and noted; returns the errors in a row."""
+        self.stats.broken_packets += 1
+        self.stats.note(f"{stage}: {first_line(exc, 200)}")
+        return errors_in_row + 1
 
     def _to_bgr(self, frame) -> np.ndarray:
         if frame.is_corrupt:
@@ -226,7 +224,7 @@ class VideoFileSource(Source):
                                  "interrupted recording leaves it): its frames cannot be decoded without it; "
                                  "record with faststart or to .ts/.mkv, or repair it with a tool such as "
                                  "untrunc and a good file from the same camera") from None
-            raise PetalError(f"{path} is not a video this runtime can read ({_short(exc)})") from None
+            raise PetalError(f"{path} is not a video this runtime can read ({first_line(exc, 200)})") from None
         try:
             self._reader = _PyAVReader(container, self.stats)
         except PetalError:
@@ -357,13 +355,13 @@ class StreamSource(Source):
                 return reader
             except (av.error.FFmpegError, OSError, PetalError) as exc:
                 attempt += 1
-                self.stats.note(f"connect: {_short(exc)}")
+                self.stats.note(f"connect: {first_line(exc, 200)}")
                 if self.max_retries is not None and attempt > self.max_retries:
                     if first:
-                        raise PetalError(f"could not open {self.url}: {_short(exc)}") from None
+                        raise PetalError(f"could not open {self.url}: {first_line(exc, 200)}") from None
                     return None
                 tries = f" of {self.max_retries}" if self.max_retries is not None else ""
-                self._log(f"{self.url}: {_short(exc)}; retry {attempt}{tries} in {delay:g} s")
+                self._log(f"{self.url}: {first_line(exc, 200)}; retry {attempt}{tries} in {delay:g} s")
                 self._sleep(delay)
                 delay = min(self.backoff[1], delay * 2)
         return None
@@ -382,7 +380,7 @@ class StreamSource(Source):
                     index += 1
                     got += 1
             except (av.error.FFmpegError, OSError) as exc:
-                self.stats.note(f"stream: {_short(exc)}")
+                self.stats.note(f"stream: {first_line(exc, 200)}")
             reader.close()
             if self._closed.is_set():
                 break

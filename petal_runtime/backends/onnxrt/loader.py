@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...errors import PetalError
+from ...files import first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -69,8 +70,7 @@ class SessionFromOnnx:
         try:
             session = ort.InferenceSession(str(self.path), options, providers=requested)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PetalError(f"{self.path} is not a usable ONNX model: {first[:200]}") from None
+            raise PetalError(f"{self.path} is not a usable ONNX model: {first_line(exc, 200)}") from None
         active = session.get_providers()
         lost = [p for p in names if p != CPU and p not in active]
         if lost:
