@@ -24,6 +24,7 @@ import click
 import cv2
 import numpy as np
 
+from petal_runtime.boxes import iou
 from petal_runtime.errors import PetalError, exit_on_user_error
 
 GALLERY_SIZE = 40  # held-out identities in the gallery (distractors for each other)
@@ -66,14 +67,6 @@ def write_gallery_images(names: list[str], folder: Path) -> None:
         cv2.imwrite(str(target), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
-
-
 def match_tracks_to_truth(result: dict, truth: dict) -> dict[int, str]:
     """Which walker each reported track followed: the truth track its boxes overlap most often."""
     votes: dict[int, dict[str, int]] = {}
@@ -82,7 +75,7 @@ def match_tracks_to_truth(result: dict, truth: dict) -> dict[int, str]:
         for face in frame["faces"]:
             for identity, boxes in truth_boxes.items():
                 box = boxes.get(frame["index"])
-                if box is not None and _iou(np.array(face["box"]), box) > 0.2:
+                if box is not None and iou(face["box"], box) > 0.2:
                     counts = votes.setdefault(face["track_id"], {})
                     counts[identity] = counts.get(identity, 0) + 1
     return {track: max(counts, key=counts.get) for track, counts in votes.items()}

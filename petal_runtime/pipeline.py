@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from .align import align_face
+from .boxes import nms
 from .contract import to_model_input
 from .detect import YUNET_MIN_FACE, Detection, FaceDetector
 from .errors import PetalError
@@ -277,13 +278,8 @@ class _Detector:
 
 
 def _nms(detections: list[Detection], threshold: float) -> list[Detection]:
-    from .tracking import iou
-
-    kept: list[Detection] = []
-    for d in sorted(detections, key=lambda d: -d.score):
-        if all(iou(d.box, k.box) <= threshold for k in kept):
-            kept.append(d)
-    return kept
+    keep = nms([d.box for d in detections], [d.score for d in detections], threshold)
+    return [detections[i] for i in keep]
 
 
 def check_frame(image) -> None:

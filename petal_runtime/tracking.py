@@ -23,17 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .boxes import iou
+
 SELECTION_MODES = ("best", "all")
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    ax1, ay1, aw, ah = a
-    bx1, by1, bw, bh = b
-    ix = max(0.0, min(ax1 + aw, bx1 + bw) - max(ax1, bx1))
-    iy = max(0.0, min(ay1 + ah, by1 + bh) - max(ay1, by1))
-    inter = ix * iy
-    union = aw * ah + bw * bh - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def quality_weight(quality: float) -> float:
@@ -145,8 +137,9 @@ class Tracker:
                     continue
                 predicted = track.predict(frame)
                 size = max(predicted[2], predicted[3], 1.0)
+                overlaps = iou(predicted, np.reshape(np.asarray(boxes, np.float64), (-1, 4)))
                 for di, box in enumerate(boxes):
-                    overlap = iou(predicted, box)
+                    overlap = float(overlaps[di])
                     centre = np.hypot(predicted[0] + predicted[2] / 2 - box[0] - box[2] / 2,
                                       predicted[1] + predicted[3] / 2 - box[1] - box[3] / 2) / size
                     ratio = box[2] / max(predicted[2], 1e-6)

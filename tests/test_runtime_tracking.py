@@ -107,3 +107,17 @@ def test_ended_tracks_past_the_reid_window_drop_their_embeddings_and_keep_their_
     assert all(t.identity.startswith("person ") and t.embeddings_seen >= 3 for t in old)
     recent = tracker.get(track_id)
     assert len(recent.kept) == 3 and recent.template is not None  # still a re-identification candidate
+
+
+def test_iou_is_vectorised_and_nms_keeps_the_best_of_each_overlap():
+    from petal_runtime.boxes import nms
+
+    boxes = np.array([[0, 0, 10, 10], [5, 0, 10, 10], [20, 20, 5, 5]], float)
+    pairs = iou(boxes[:, None], boxes[None])
+    assert pairs.shape == (3, 3) and np.allclose(np.diag(pairs), 1.0)
+    assert pairs[0, 1] == pytest.approx(50 / 150) and pairs[0, 2] == 0.0
+    assert iou(boxes[0], boxes).tolist() == pairs[0].tolist()
+    assert iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0
+    assert nms(boxes, [0.5, 0.9, 0.1], 0.3) == [1, 2]  # 0 overlaps the better 1 by 0.33
+    assert nms(boxes, [0.5, 0.9, 0.1], 0.4) == [1, 0, 2]
+    assert nms(np.zeros((0, 4)), [], 0.3) == []
