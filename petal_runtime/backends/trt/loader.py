@@ -38,14 +38,14 @@ TENSORRT_INSTALL_HINT = ("TensorRT is not installed: pip install tensorrt (its l
                          "package index and need a CUDA GPU), or use --backend onnxruntime")
 
 
-def import_tensorrt():
-    """The `tensorrt` module, or a PetalError saying how to get it."""
+def import_tensorrt(hint: str = TENSORRT_INSTALL_HINT):
+    """The `tensorrt` module, or a PetalError saying how to get it (`hint`: the caller's advice)."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        raise PetalError(TENSORRT_INSTALL_HINT) from None
+        raise PetalError(hint) from None
     except OSError as exc:  # the bindings import but a native library is missing
-        raise PetalError(f"TensorRT's libraries could not be loaded ({exc}); {TENSORRT_INSTALL_HINT}") from None
+        raise PetalError(f"TensorRT's libraries could not be loaded ({exc}); {hint}") from None
     import tensorrt
 
     return tensorrt
