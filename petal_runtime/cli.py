@@ -10,6 +10,7 @@ every case, with the results so far and a `status` of complete, partial, error o
 """
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -19,8 +20,15 @@ import click
 
 from .annotate import for_display
 from .errors import INTERRUPTS, PetalError, exit_on_user_error, interrupt_exit_code
+from .models import PRECISIONS
+from .openset import DEFAULT_FAR, FALLBACK_THRESHOLD, calibrate_gallery
+from .pipeline import DROP_POLICIES, MIN_FACE, PipelineConfig
+from .tracking import SELECTION_MODES
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
+_DEFAULTS = PipelineConfig()  # every petal-run default that the pipeline has is read from here
+MIN_TRACK_FRAMES = 3
+_CALIBRATE = inspect.signature(calibrate_gallery).parameters  # petal-gallery calibrate's defaults
 
 
 def _quiet_opencv() -> None:
@@ -203,25 +211,29 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
               help="Write a video with boxes, names and quality here (.mp4).")
 @_backend_option
 @click.option("--far", type=float, default=None,
-              help="False-alarm target: the share of people not in the gallery that may be named [default: 0.01]. "
+              help="False-alarm target: the share of people not in the gallery that may be named "
+                   f"[default: {DEFAULT_FAR:g}]. "
                    "The cosine threshold follows each track's face quality, from the gallery's calibration "
                    "(GALLERY.far.json, made by petal-gallery calibrate).")
 @click.option("--threshold", type=float, default=None,
               help="A fixed open-set cosine instead of --far (below it, unknown). Without either and without a "
-                   "calibration: 0.3, with a warning.")
+                   f"calibration: {FALLBACK_THRESHOLD:g}, with a warning.")
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Open-set calibration file (default: the .far.json beside the gallery).")
-@click.option("--top-k", default=5, show_default=True, help="Gallery candidates reported per track.")
-@click.option("--min-face", default=16, show_default=True, help="Smallest face (px) to detect; down to 10.")
-@click.option("--detect-every", default=4, show_default=True,
+@click.option("--top-k", default=_DEFAULTS.top_k, show_default=True, help="Gallery candidates reported per track.")
+@click.option("--min-face", default=_DEFAULTS.min_face, show_default=True,
+              help=f"Smallest face (px) to detect; down to {MIN_FACE}.")
+@click.option("--detect-every", default=_DEFAULTS.detect_every, show_default=True,
               help="Full-frame detection every N frames; in between only around live tracks (1: always).")
-@click.option("--selection", type=click.Choice(["best", "all"]), default="best", show_default=True,
+@click.option("--selection", type=click.Choice(SELECTION_MODES), default=_DEFAULTS.selection, show_default=True,
               help="Run the recognizer on each track's best crops only, or on every crop.")
-@click.option("--per-track", default=3, show_default=True, help="Best crops per track for --selection best.")
-@click.option("--min-track-frames", default=3, show_default=True, help="Shorter tracks are left out of the report.")
-@click.option("--drop", type=click.Choice(["auto", "block", "drop-oldest", "drop-newest"]), default="auto",
+@click.option("--per-track", default=_DEFAULTS.per_track, show_default=True,
+              help="Best crops per track for --selection best.")
+@click.option("--min-track-frames", default=MIN_TRACK_FRAMES, show_default=True,
+              help="Shorter tracks are left out of the report.")
+@click.option("--drop", type=click.Choice(DROP_POLICIES), default=_DEFAULTS.drop,
               show_default=True, help="When the pipeline falls behind: auto blocks on files, drops on live streams.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Which exported variant to run (default: FP32 ONNX, or the best TensorRT engine).")
 @click.option("--threads", type=int, default=None,
               help="Threads per ONNX Runtime session (default: 1 for IQA, all cores for the recognizer).")
@@ -237,7 +249,7 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
     import warnings
 
     from .openset import PetalWarning, check_far
-    from .pipeline import Pipeline, PipelineConfig
+    from .pipeline import Pipeline
     from .sources import open_source
 
     if far is not None:
@@ -403,11 +415,13 @@ def _report_skips(report) -> None:
 
 
 def _calibration_options(func):
-    func = click.option("--seed", default=0, show_default=True, help="Seed of the calibration degradations.")(func)
-    func = click.option("--gallery-photos/--no-gallery-photos", default=True, show_default=True,
+    func = click.option("--seed", default=_CALIBRATE["seed"].default, show_default=True,
+                        help="Seed of the calibration degradations.")(func)
+    func = click.option("--gallery-photos/--no-gallery-photos", default=_CALIBRATE["with_gallery_photos"].default,
+                        show_default=True,
                         help="Also degrade the gallery's own photos (where its build folder still exists) and score "
                              "them against the other identities.")(func)
-    func = click.option("--max-faces", default=200, show_default=True,
+    func = click.option("--max-faces", default=_CALIBRATE["limit"].default, show_default=True,
                         help="At most this many calibration faces per --faces folder (or of the portraits), "
                              "evenly spread; each is scored at 8 quality levels.")(func)
     return func

@@ -25,6 +25,7 @@ from .errors import PetalError
 from .files import atomic_write_text, sha256_file
 
 DEFAULT_MAX_BATCH = 32
+PRECISIONS = ("fp32", "fp16", "int8")  # the exported variants a runtime can be asked for
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Models:
                 raise PetalError(f"{name} missing from {self.dir}: re-run petal-export")
         self.fingerprint = fingerprint(self.dir, self.manifest)
         self.backend, self.backend_notes = choose_backend(backend, self.dir)
-        if precision not in (None, "fp32", "fp16", "int8"):
+        if precision not in (None, *PRECISIONS):
             raise PetalError(f"precision must be fp32, fp16 or int8, got {precision!r}")
         self.precision = precision
         options = {"threads": threads, "providers": providers, "precision": precision}

@@ -45,6 +45,8 @@ from .openset import FALLBACK_THRESHOLD, Decision, FarCalibration, OpenSetRule, 
 from .tracking import SELECTION_MODES, Selection, Tracker, quality_weight
 
 DROP_POLICIES = ("auto", "block", "drop-oldest", "drop-newest")
+MAX_UPSCALE = 2.0  # the most a frame is enlarged for the detector
+MIN_FACE = int(YUNET_MIN_FACE / MAX_UPSCALE)  # the smallest min_face: YuNet's minimum at MAX_UPSCALE
 STAGES = ("decode", "detect", "align", "track", "iqa", "select", "recognize", "identify")
 ROI_SIZE = 96  # side of the square a live track's neighbourhood is resampled to for re-detection
 ROI_FACTOR = 2.5  # that neighbourhood's side, in face sizes (the face comes out near 38 px)
@@ -73,8 +75,8 @@ class PipelineConfig:
     drop: str = "auto"  # block (files), drop-oldest (live sources), drop-newest
 
     def __post_init__(self) -> None:
-        if self.min_face < 6:
-            raise PetalError(f"min_face {self.min_face} px is below what any detector finds (use 10 or more)")
+        if self.min_face < MIN_FACE:
+            raise PetalError(f"min_face {self.min_face} px is below what any detector finds (use {MIN_FACE} or more)")
         if self.selection not in SELECTION_MODES:
             raise PetalError(f"selection must be one of {', '.join(SELECTION_MODES)}, got {self.selection!r}")
         if self.drop not in DROP_POLICIES:
@@ -87,7 +89,7 @@ class PipelineConfig:
     def scale(self) -> float:
         if self.detect_scale is not None:
             return float(self.detect_scale)
-        return float(np.clip(YUNET_MIN_FACE / self.min_face, 0.25, 2.0))
+        return float(np.clip(YUNET_MIN_FACE / self.min_face, 0.25, MAX_UPSCALE))
 
 
 @dataclass
