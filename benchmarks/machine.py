@@ -21,3 +21,10 @@ def load_average() -> str:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:
         return "?"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table of `rows` under `header` (the form the README's benchmark sections take)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

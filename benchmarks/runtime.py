@@ -29,13 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 
-from machine import cpu_name, load_average  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
+from machine import cpu_name, load_average, markdown_table as _table  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 # ----------------------------------------------------------------------------- inputs
 
