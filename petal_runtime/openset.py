@@ -515,7 +515,7 @@ class OpenSetRule:
     def decide(self, gallery, embeddings: np.ndarray, qualities: np.ndarray, weights: np.ndarray | None = None,
                top_k: int = 5) -> Evidence:
         """Crops' embeddings [k, D] with their IQA qualities [k] -> the track's identity and decision."""
-        from .gallery import UNKNOWN
+        from .gallery import UNKNOWN, top_k_indices
 
         qualities = np.asarray(qualities, np.float64).reshape(-1)
         weights = np.maximum(qualities, 0.01) if weights is None else np.asarray(weights, np.float64).reshape(-1)
@@ -525,8 +525,8 @@ class OpenSetRule:
         if len(gallery) == 0 or len(qualities) == 0:
             return Evidence(UNKNOWN, float("nan"), [], decision)
         mean = weights @ gallery.scores(embeddings).astype(np.float64)  # [G]
-        order = np.argsort(-mean, kind="stable")[: max(1, top_k)]
-        ranked = [(gallery.names[i], float(mean[i])) for i in order]
+        names = gallery.names
+        ranked = [(names[i], float(mean[i])) for i in top_k_indices(mean, top_k)]  # O(G), not a full sort
         name, best = ranked[0]
         return Evidence(name if best >= decision.threshold else UNKNOWN, best, ranked, decision)
 
