@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from petal_train.default import default_checkpoint_path
 
@@ -148,3 +149,20 @@ def _reload_clip(path: Path):
     data["path"] = Path(data["path"])
     data["tracks"] = [TrackTruth(**{**t, "face_px": tuple(t["face_px"])}) for t in data["tracks"]]
     return SynthClip(**data)
+
+
+@pytest.fixture(scope="module")
+def setup(shared_faces):
+    """(exported models folder, LFW10 gallery, LFW clip) for the pipeline and petal-run tests."""
+    from conftest import require_models
+
+    require_models()
+    models = exported_models()
+    return models, lfw_gallery(models), lfw_clip()
+
+
+def run(*args) -> Invoked:
+    """petal-run in-process, as its console script runs."""
+    from petal_runtime.cli import run_cli
+
+    return invoke(run_cli, args)

@@ -144,39 +144,31 @@ def gallery_pair(tmp_path_factory):
     return path.read_bytes(), json.loads(meta_path(path).read_text())
 
 
+@pytest.mark.parametrize("part", ["npy", "json"])
 @FUZZ
 @given(data=st.data())
-def test_gallery_npy_reader(tmp_path_factory, gallery_pair, data):
+def test_gallery_reader(tmp_path_factory, gallery_pair, part, data):
+    """The .npy mutated (and named by its .json, so the reader has to judge the .npy itself), or the .json."""
+    import hashlib
+
     from petal_runtime.gallery import Gallery, meta_path
 
     npy, meta = gallery_pair
-    folder = fresh(tmp_path_factory, "npy")
+    folder = fresh(tmp_path_factory, "npy" if part == "npy" else "meta")
     path = folder / "g.npy"
-    mutated = data.draw(byte_mutations(npy, hot=128))
-    path.write_bytes(mutated)
-    import hashlib
-
-    # The .json names the mutated file, so the reader has to judge the .npy itself.
-    meta_path(path).write_text(json.dumps({**meta, "entries_sha256": hashlib.sha256(mutated).hexdigest()}))
+    if part == "npy":
+        npy = data.draw(byte_mutations(npy, hot=128))
+        meta_bytes = json.dumps({**meta, "entries_sha256": hashlib.sha256(npy).hexdigest()}).encode()
+    else:
+        meta_bytes = data.draw(json_mutations(meta))
+    path.write_bytes(npy)
+    meta_path(path).write_bytes(meta_bytes)
     gallery = read_and_check(folder, lambda: Gallery.load(path))
     if gallery is not None:
         assert gallery.entries.ndim == 1 and gallery.embeddings.shape == (len(gallery), gallery.dim)
         assert np.isfinite(gallery.embeddings).all()
-
-
-@FUZZ
-@given(data=st.data())
-def test_gallery_json_reader(tmp_path_factory, gallery_pair, data):
-    from petal_runtime.gallery import Gallery, meta_path
-
-    npy, meta = gallery_pair
-    folder = fresh(tmp_path_factory, "meta")
-    path = folder / "g.npy"
-    path.write_bytes(npy)
-    meta_path(path).write_bytes(data.draw(json_mutations(meta)))
-    gallery = read_and_check(folder, lambda: Gallery.load(path))
-    if gallery is not None:
-        assert isinstance(gallery.meta["models_sha256"], str) and len(gallery) == 3
+        if part == "json":
+            assert isinstance(gallery.meta["models_sha256"], str) and len(gallery) == 3
 
 
 # ----------------------------------------------------------------------------- calibration JSON

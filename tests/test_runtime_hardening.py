@@ -14,23 +14,13 @@ import numpy as np
 import pytest
 
 import runtime_support as rs
-from petal_runtime.cli import frames_path, gallery_cli, run_cli
+from runtime_support import run
+from petal_runtime.cli import frames_path, gallery_cli
 from petal_runtime.errors import PetalError
 from petal_runtime.gallery import Gallery, gallery_dtype, meta_path
 from petal_runtime.models import Models, fingerprint
 
-
-@pytest.fixture(scope="module")
-def setup(shared_faces):
-    from conftest import require_models
-
-    require_models()
-    models = rs.exported_models()
-    return models, rs.lfw_gallery(models), rs.lfw_clip()
-
-
-def run(*args):
-    return rs.invoke(run_cli, args)
+setup = rs.setup  # the module's models, gallery and clip (a fixture of runtime_support)
 
 
 def copy_models(models, folder):

@@ -10,23 +10,12 @@ import numpy as np
 import pytest
 
 import runtime_support as rs
-from petal_runtime.cli import run_cli
+from runtime_support import run
 from petal_runtime.errors import PetalError
 from petal_runtime.pipeline import Pipeline, PipelineConfig
 from petal_runtime.sources import Frame, Source
 
-
-@pytest.fixture(scope="module")
-def setup(shared_faces):
-    from conftest import require_models
-
-    require_models()
-    models = rs.exported_models()
-    return models, rs.lfw_gallery(models), rs.lfw_clip()
-
-
-def run(*args):
-    return rs.invoke(run_cli, args)
+setup = rs.setup  # the module's models, gallery and clip (a fixture of runtime_support)
 
 
 def assign_truth(report: dict, clip) -> dict[int, str]:
