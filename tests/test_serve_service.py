@@ -156,8 +156,9 @@ def test_event_format(three_sources):
     version = three_sources["sources"]["gallery"]["version"]
     identified = [e for e in events if e["type"] == "identified"]
     for e in identified:
-        assert {"source", "track_id", "identity", "score", "far", "threshold", "rule", "quality", "frame",
-                "frame_time", "time", "gallery_version", "previous_identity", "top_k", "latency_ms"} <= e.keys()
+        assert {"source", "track_id", "identity", "score", "far", "threshold", "rule", "decision_quality", "quality",
+                "frame", "frame_time", "time", "gallery_version", "previous_identity", "top_k",
+                "latency_ms"} <= e.keys()
         assert e["gallery_version"] == version and len(version) == 12
         assert e["score"] >= e["threshold"] and e["top_k"][0]["name"] == e["identity"]
         assert e["previous_identity"] == "unknown" and 0 <= e["quality"] <= 1.5
@@ -349,3 +350,68 @@ def test_sigterm_flushes_and_exits_zero(setup, tmp_path):
     ended = {e["track_id"] for e in events if e["type"] == "track_ended"}
     assert started and started == ended, [(e["type"], e["track_id"], e["seq"]) for e in events]
     assert np.all(np.diff([e["seq"] for e in events]) == 1)
+
+
+# ----------------------------------------------------------------------------- FAR in events
+
+
+def _outsiders(count: int = 20):
+    """`count` LFW people who are not in LFW10, one photo each (calibration faces; cached)."""
+    import shutil
+
+    lfw10 = {p.name for p in (rs.SHARED_FACES / "lfw10").iterdir()}
+    people = sorted(p for p in (rs.SHARED_FACES / "lfw").iterdir() if p.is_dir() and p.name not in lfw10)
+    picks = np.random.default_rng(1).permutation(len(people))[:count]
+
+    def build(out):
+        for i in picks:
+            photo = sorted(people[i].glob("*.jpg"))[0]
+            (out / people[i].name).mkdir()
+            shutil.copy(photo, out / people[i].name / photo.name)
+
+    return rs._atomic_dir(rs.CACHE / f"serve-outsiders-{count}", build)
+
+
+def test_identified_events_carry_the_far_and_the_threshold_for_their_quality(setup, tmp_path, shared_faces,
+                                                                             monkeypatch):
+    """A gallery calibrated on 20 LFW outsiders (160 impostor crops at the 8 quality levels, in 4 quality
+    bins of 40 here instead of 150 to keep it fast): every identification says the FAR it was made at
+    and the calibration's threshold for its quality."""
+    import shutil
+
+    from petal_runtime.models import Models
+    from petal_runtime.openset import FarCalibration, calibrate_gallery, calibration_path
+
+    from_scores = FarCalibration.from_scores.__func__
+    monkeypatch.setattr(FarCalibration, "from_scores", classmethod(
+        lambda cls, qualities, scores, meta=None: from_scores(cls, qualities, scores, meta, min_per_bin=40)))
+
+    if not (shared_faces / "lfw").is_dir():
+        pytest.skip(f"the whole LFW is not at {shared_faces / 'lfw'}")
+    models, gallery_path, clip = setup
+    path = tmp_path / "gallery.npy"
+    for suffix in (".npy", ".npy.json"):
+        shutil.copy(gallery_path.with_name("gallery" + suffix), tmp_path / ("gallery" + suffix))
+    with Models(models) as m:
+        calibration = calibrate_gallery(m, Gallery.load(path, m.fingerprint), [_outsiders(20)], limit=20,
+                                        with_gallery_photos=False)
+    calibration.save(calibration_path(path))
+    assert len(calibration.bins) >= 4
+    far = 0.05
+    cfg = config(models, path, [{"name": "cam", "url": str(clip.path)}], service={"far": far},
+                 http={"enabled": False})
+    stdout = io.StringIO()
+    with Service(cfg, stdout=stdout) as service:
+        assert service.gallery_state.rule.rule == "far"
+        service.start()
+        assert service.wait(timeout=120)
+    identified = [e for e in events_of(stdout.getvalue()) if e["type"] == "identified"]
+    assert identified and {e["identity"] for e in identified} <= set(clip.identities)
+    for e in identified:
+        assert e["rule"] == "far" and e["far"] == far
+        expected = calibration.threshold(e["decision_quality"], far)
+        assert abs(e["threshold"] - expected) < 1e-3, (e, expected)
+        assert e["score"] >= e["threshold"]
+    per_bin = [t for t, _ in calibration.bin_thresholds(far)]
+    assert all(min(per_bin) - 1e-4 <= e["threshold"] <= max(per_bin) + 1e-4 for e in identified)
+
