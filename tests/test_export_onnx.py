@@ -196,6 +196,8 @@ def test_int8_cosine(exported, reference, torch_embeddings):
         worst = min(worst, float(cosines(got, torch_embeddings[key]).min()))
     print(f"INT8 recognizer: worst cosine to FP32 on real faces {worst:.4f}")
     assert worst >= INT8_MIN_COSINE
+    iqa_graph = onnx.load(str(exported["out"] / "iqa.int8.onnx")).graph
+    assert not any(n.op_type == "QuantizeLinear" for n in iqa_graph.node), "INT8 sets carry the IQA in float"
     q8 = ort_session(exported["out"] / "iqa.int8.onnx").run(None, {"image": faces})[0]
     with torch.no_grad():
         assert np.abs(q8 - scorer(torch.from_numpy(faces)).numpy()).max() <= INT8_MAX_QUALITY_DIFF
