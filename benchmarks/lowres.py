@@ -15,10 +15,12 @@ every trained row learns from the rest of LFW (`--drop-eval-identities`). Protoc
   downsampling with each common interpolation; grayscale) at each size: "never worse than frozen".
 - Leave-one-family-out: a petal-distill run trained without one family (`--lofo-family`) tested on it.
 
-Rows: frozen; petal (the default: the paper's recipe, margin loss with centres that train), lora
-and full (the same recipe); petal-distill (frozen centres + distillation toward the frozen model);
-petal-distill-lofo-<family>; and, with
---exported DIR, the exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
+Rows: frozen; petal (the paper's recipe, margin loss with centres that train), lora and full (the
+same recipe); petal-distill (frozen centres + distillation toward the frozen model);
+petal-distill-lofo-<family>; petal-plain (the paper's recipe with 30 % of degraded faces only
+resized, --p-plain); petal-x<s> (the petal row's adapters scaled by s, --adapter-scales); rows saved
+by earlier runs (e.g. petal-250, the same recipe at 250 steps); and, with --exported DIR, the
+exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
 
     python benchmarks/lowres.py                        # train what is missing, evaluate every row
     python benchmarks/lowres.py --rows frozen,petal    # some rows
@@ -64,6 +66,7 @@ RECIPES = {
     "lora": {"mode": "lora"},
     "full": {"mode": "full"},
     "petal-distill": {"mode": "petal", **DISTILL},
+    "petal-plain": {"mode": "petal", "p_plain": 0.3},  # 30 % of degraded faces only resized (third-party style)
 }
 ROWS = ("frozen", *RECIPES)
 
@@ -201,10 +204,11 @@ def train(row: str, overrides: dict, run_dir: Path, steps: int, batch: int, seed
     ckpt = run_dir / "ckpt.pt"
     if ckpt.is_file() and load_checkpoint(ckpt).progress.get("status") in ("finished", "max_steps"):
         return ckpt
-    config = FitConfig(data=str(SHARED_FACES / "lfw"), out=str(run_dir), drop_eval_identities=True, epochs=1,
+    # As many epochs as steps, so that --max-steps ends training (the LR decays to zero there), not the epoch.
+    config = FitConfig(data=str(SHARED_FACES / "lfw"), out=str(run_dir), drop_eval_identities=True, epochs=steps,
                        max_steps=steps, batch_size=batch, warmup_epochs=0.1, seed=seed, iqa=iqa,
-                       calibration=calibration, resume=ckpt.is_file(), progress=True, log_every=10, **overrides)
-    config.epochs = 1
+                       calibration=calibration, resume=ckpt.is_file(), progress=True, log_every=10, save_every=100,
+                       **overrides)
     started = time.time()
     if fit(config).status == "stopped":
         raise SystemExit(f"[{row}] training was interrupted; run again to resume")
@@ -275,7 +279,7 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
 @click.option("--rows", default=",".join(ROWS), show_default=True, help=f"Rows to evaluate: {', '.join(ROWS)}.")
 @click.option("--lofo-family", type=click.Choice([*FAMILIES, "grayscale", "none"]), default="turbulence",
               show_default=True, help="Also train and evaluate petal without this degradation family.")
-@click.option("--steps", default=150, show_default=True, help="Training steps per trained row.")
+@click.option("--steps", default=1000, show_default=True, help="Training steps per trained row (the default's: 1000).")
 @click.option("--batch", default=32, show_default=True, help="Batch size (one process).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
@@ -285,12 +289,15 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
               help="Also evaluate this petal-export folder's graphs through petal_runtime (ONNX Runtime).")
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True,
               help="Which exported recognizer graphs --exported evaluates.")
+@click.option("--adapter-scales", default="", show_default=True,
+              help="Also evaluate the petal row's checkpoint with its adapters scaled (W0 + s dW), e.g. 0.5,0.75: "
+                   "rows petal-x<s>.")
 @click.option("--families/--no-families", default=True, show_default=True,
               help="Run the family sweep (60 conditions); without it only the main conditions.")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
 @click.option("--out", default=str(ROOT / "benchmarks" / "results"), show_default=True)
 def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: str | None, calibration: str | None,
-         exported: str | None, precisions: str, families: bool, runs: str, out: str) -> None:
+         exported: str | None, precisions: str, adapter_scales: str, families: bool, runs: str, out: str) -> None:
     """Train (where needed) and evaluate every row; print the markdown tables."""
     if not (SHARED_FACES / "lfw").is_dir():
         raise SystemExit(f"error: the evaluation faces are not at {SHARED_FACES}")
@@ -302,8 +309,10 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
     wanted = [r for r in rows.split(",") if r]
     if lofo_family != "none" and "petal-distill" in wanted:  # right after its recipe: the gain it must keep
         wanted.insert(wanted.index("petal-distill") + 1, f"petal-distill-lofo-{lofo_family}")
+    scales = [float(v) for v in adapter_scales.split(",") if v]
+    scaled_rows = [f"petal-x{v:g}" for v in scales]
     protocol = None
-    if wanted or exported:  # `--rows ""` alone only merges the saved rows into the tables
+    if wanted or exported or scales:  # `--rows ""` alone only merges the saved rows into the tables
         lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
         protocol = build_protocol(lfw, load_identity_folders(SHARED_FACES / "orl40"), load_portraits().images, seed,
                                   EVAL_FAMILIES if families else ())
@@ -317,7 +326,18 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
                                                   calibration)
         result = evaluate_row(load_model(ckpt, iqa=iqa), protocol)
         print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
-        record = {"row": row, "recipe": recipes.get(row, {}), "steps": 0 if row == "frozen" else steps,
+        trained = 0 if ckpt is None else int(load_checkpoint(ckpt).progress.get("global_step", 0))
+        record = {"row": row, "recipe": recipes.get(row, {}), "steps": trained,
+                  "batch": batch, "seed": seed, "result": result}
+        atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
+    for factor, row in zip(scales, scaled_rows):
+        ckpt = Path(runs) / "petal" / "ckpt.pt"
+        if not ckpt.is_file():
+            raise SystemExit(f"error: --adapter-scales needs the petal row's checkpoint at {ckpt}: run --rows petal")
+        result = evaluate_row(load_model(ckpt, iqa=iqa, adapter_scale=factor), protocol)
+        print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
+        record = {"row": row, "recipe": {**recipes["petal"], "adapter_scale": factor},
+                  "steps": int(load_checkpoint(ckpt).progress.get("global_step", 0)),
                   "batch": batch, "seed": seed, "result": result}
         atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     if exported:
@@ -329,10 +349,10 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
                       "checkpoint_sha256": model.models.manifest.checkpoint_sha256}
             atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     merged = {}
-    for row in ["frozen", *recipes, "onnx-fp32", "onnx-fp16", "onnx-int8"]:
-        path = out_dir / f"lowres_{row}.json"
-        if path.is_file():
-            merged[row] = json.loads(path.read_text())["result"]
+    # Every saved row: the recipes first, then the others (scaled adapters, earlier runs, exported graphs).
+    saved = sorted(p.stem[len("lowres_"):] for p in out_dir.glob("lowres_*.json"))
+    for row in sorted(saved, key=lambda r: (r not in ["frozen", *recipes], r.startswith("onnx-"), r)):
+        merged[row] = json.loads((out_dir / f"lowres_{row}.json").read_text())["result"]
     if not merged:
         return
     for px in PROBE_PX:
