@@ -344,36 +344,27 @@ def _export_all(result: ExportResult, stager: _Stager, formats: list[ExportForma
         calib_feeds = {"recognizer": int8_pass.calibration_feeds(calib_set, with_alpha=True),
                        "iqa": int8_pass.calibration_feeds(calib_set, with_alpha=False)}
         log(f"  calibration: {len(calib_faces)} real faces from {calib_dir} and a degraded copy of each")
-    if "onnx-int8" in names:
-        fmt = FORMATS["onnx-int8"]
+    # (format, what the log calls it, quantiser, checked for TensorRT's Q/DQ rules)
+    int8_passes = (("onnx-int8", "INT8", int8_pass.quantize_int8, False),
+                   ("onnx-int8-qdq", "INT8 Q/DQ for TensorRT", int8_pass.quantize_int8_qdq, True))
+    for name, label, quantize, for_tensorrt in int8_passes:
+        if name not in names:
+            continue
+        fmt = FORMATS[name]
         for graph in GRAPHS:
             if graph in FLOAT_IN_INT8:
-                log(f"  {graph} INT8: kept in float ({FLOAT_IN_INT8[graph]})")
-                verify(graph, finish(graph, onnx.load(str(fp32_paths[graph])), fmt), fmt)
-                continue
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="petal-int8-") as work:
-                quantized = Path(work) / "model.onnx"
-                int8_pass.quantize_int8(fp32_paths[graph], quantized, calib_feeds[graph])
-                model = onnx.load(str(quantized))
-            log(f"  {graph} INT8: calibrated and quantised in {time.perf_counter() - start:.1f} s")
-            verify(graph, finish(graph, model, fmt), fmt)
-    if "onnx-int8-qdq" in names:
-        fmt = FORMATS["onnx-int8-qdq"]
-        for graph in GRAPHS:
-            if graph in FLOAT_IN_INT8:
-                log(f"  {graph} INT8 Q/DQ for TensorRT: kept in float ({FLOAT_IN_INT8[graph]})")
-                verify(graph, finish(graph, onnx.load(str(fp32_paths[graph])), fmt), fmt)
-                continue
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="petal-qdq-") as work:
-                quantized = Path(work) / "model.onnx"
-                int8_pass.quantize_int8_qdq(fp32_paths[graph], quantized, calib_feeds[graph])
-                model = onnx.load(str(quantized))
-            problems = int8_pass.qdq_violations(model)
-            if problems:
-                raise PetalError(f"the {graph} Q/DQ graph is not what TensorRT accepts: {problems[0]}")
-            log(f"  {graph} INT8 Q/DQ for TensorRT: calibrated and quantised in {time.perf_counter() - start:.1f} s")
+                log(f"  {graph} {label}: kept in float ({FLOAT_IN_INT8[graph]})")
+                model = onnx.load(str(fp32_paths[graph]))
+            else:
+                start = time.perf_counter()
+                with tempfile.TemporaryDirectory(prefix="petal-int8-") as work:
+                    quantized = Path(work) / "model.onnx"
+                    quantize(fp32_paths[graph], quantized, calib_feeds[graph])
+                    model = onnx.load(str(quantized))
+                problems = int8_pass.qdq_violations(model) if for_tensorrt else []
+                if problems:
+                    raise PetalError(f"the {graph} Q/DQ graph is not what TensorRT accepts: {problems[0]}")
+                log(f"  {graph} {label}: calibrated and quantised in {time.perf_counter() - start:.1f} s")
             verify(graph, finish(graph, model, fmt), fmt)
 
     engine_formats = [f for f in formats if f.is_engine]
