@@ -18,7 +18,7 @@ every trained row learns from the rest of LFW (`--drop-eval-identities`). Protoc
 Rows: frozen; petal (the paper's recipe, margin loss with centres that train), lora and full (the
 same recipe); petal-distill (frozen centres + distillation toward the frozen model);
 petal-distill-lofo-<family>; petal-plain (the paper's recipe with 30 % of degraded faces only
-resized, --p-plain); petal-x<s> (the petal row's adapters scaled by s, --adapter-scales); rows saved
+resized, --p-plain: the shipped default); petal-plain-x<s> (its adapters scaled by s, --adapter-scales); rows saved
 by earlier runs (e.g. petal-250, the same recipe at 250 steps); and, with --exported DIR, the
 exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
 
@@ -62,12 +62,13 @@ EVAL_FAMILIES = (*FAMILIES, *(f"downsample-{i}" for i in ("nearest", "linear", "
 # The recipes. Every trained row: the LFW training part, the same steps, batch and seed.
 DISTILL = {"distill": 32.0, "freeze_centres": True}  # the anti-forgetting terms, measured against the default
 RECIPES = {
-    "petal": {"mode": "petal"},  # FitConfig's defaults: the paper's recipe (the shipped default)
+    "petal": {"mode": "petal"},  # FitConfig's defaults: the paper's recipe
     "lora": {"mode": "lora"},
     "full": {"mode": "full"},
     "petal-distill": {"mode": "petal", **DISTILL},
     "petal-plain": {"mode": "petal", "p_plain": 0.3},  # 30 % of degraded faces only resized (third-party style)
 }
+DEFAULT_ROW = "petal-plain"  # the shipped default's recipe; --adapter-scales scales its checkpoint
 ROWS = ("frozen", *RECIPES)
 
 
@@ -290,8 +291,8 @@ def tables(results: dict[str, dict], lofo: str | None) -> str:
 @click.option("--precisions", default="fp32,fp16,int8", show_default=True,
               help="Which exported recognizer graphs --exported evaluates.")
 @click.option("--adapter-scales", default="", show_default=True,
-              help="Also evaluate the petal row's checkpoint with its adapters scaled (W0 + s dW), e.g. 0.5,0.75: "
-                   "rows petal-x<s>.")
+              help=f"Also evaluate the {DEFAULT_ROW} row's checkpoint with its adapters scaled (W0 + s dW), "
+                   f"e.g. 0.5,0.75: rows {DEFAULT_ROW}-x<s>.")
 @click.option("--families/--no-families", default=True, show_default=True,
               help="Run the family sweep (60 conditions); without it only the main conditions.")
 @click.option("--runs", default=str(ROOT / "benchmarks" / "runs"), show_default=True)
@@ -310,7 +311,7 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
     if lofo_family != "none" and "petal-distill" in wanted:  # right after its recipe: the gain it must keep
         wanted.insert(wanted.index("petal-distill") + 1, f"petal-distill-lofo-{lofo_family}")
     scales = [float(v) for v in adapter_scales.split(",") if v]
-    scaled_rows = [f"petal-x{v:g}" for v in scales]
+    scaled_rows = [f"{DEFAULT_ROW}-x{v:g}" for v in scales]
     protocol = None
     if wanted or exported or scales:  # `--rows ""` alone only merges the saved rows into the tables
         lfw = load_identity_folders(SHARED_FACES / "lfw", progress=True)
@@ -331,12 +332,13 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
                   "batch": batch, "seed": seed, "result": result}
         atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     for factor, row in zip(scales, scaled_rows):
-        ckpt = Path(runs) / "petal" / "ckpt.pt"
+        ckpt = Path(runs) / DEFAULT_ROW / "ckpt.pt"
         if not ckpt.is_file():
-            raise SystemExit(f"error: --adapter-scales needs the petal row's checkpoint at {ckpt}: run --rows petal")
+            raise SystemExit(f"error: --adapter-scales needs the {DEFAULT_ROW} row's checkpoint at {ckpt}: "
+                             f"run --rows {DEFAULT_ROW}")
         result = evaluate_row(load_model(ckpt, iqa=iqa, adapter_scale=factor), protocol)
         print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
-        record = {"row": row, "recipe": {**recipes["petal"], "adapter_scale": factor},
+        record = {"row": row, "recipe": {**recipes[DEFAULT_ROW], "adapter_scale": factor},
                   "steps": int(load_checkpoint(ckpt).progress.get("global_step", 0)),
                   "batch": batch, "seed": seed, "result": result}
         atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
