@@ -35,6 +35,6 @@ def test_default_adapters_recognise_low_resolution_lfw_faces_better_than_the_fro
         return {name: c["rank-1"] for name, c in result["conditions"].items()}
 
     frozen, petal = rank1(None), rank1(DEFAULT)
-    assert petal["20px"] >= frozen["20px"] + 0.05, (frozen, petal)  # measured: 0.789 -> 0.878
-    assert petal["24px"] > frozen["24px"], (frozen, petal)          # measured: 0.944 -> 0.978
+    assert petal["20px"] >= frozen["20px"] + 0.05, (frozen, petal)  # measured: 0.789 -> 0.911
+    assert petal["24px"] > frozen["24px"], (frozen, petal)          # measured: 0.944 -> 0.967
     assert petal["clean"] >= frozen["clean"] - 0.012, (frozen, petal)  # at most one probe of 90 lost
