@@ -273,6 +273,11 @@ def test_slow_sink_does_not_stall_recognition(setup):
             service.start()
             assert service.wait(timeout=180)
             webhook = next(s for s in service.sinks if s.name == "webhook")
+            printer = next(s for s in service.sinks if s.name == "stdout")
+            deadline = time.monotonic() + 30  # stdout has its own queue: let it catch up with the webhook's
+            while (printer.depth or printer.delivered < webhook.dropped + webhook.depth + 1) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
             status = service.sources_status()
             metrics = parse_metrics(service.metrics_text())
             events = events_of(stdout.getvalue())
