@@ -83,6 +83,8 @@ class AdapterCheckpoint:
         """
         if not 0.0 < factor <= 1.0:
             raise PetalError(f"the adapter scale must be in (0, 1], got {factor}")
+        if factor == 1.0:
+            return self
         if self.backbone_state:
             raise PetalError("a full fine-tuning checkpoint has no adapters to scale")
         from dataclasses import replace

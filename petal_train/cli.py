@@ -51,10 +51,7 @@ def release(checkpoint: str, out: str, adapter_scale: float) -> None:
     """Strip a run's checkpoint for shipping: FP16 adapters, no head or optimizer state."""
     from .checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    if adapter_scale != 1.0:
-        ckpt = ckpt.with_adapter_scale(adapter_scale)
-    path = ckpt.for_release().save(out)
+    path = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale).for_release().save(out)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -228,9 +228,7 @@ def load_model(checkpoint: str | Path | None = None, backbone: str = "sface", ba
         built = build_recognizer(backbone, mode="frozen", **kwargs)
         return EvalModel(_channels_last(built.recognizer.eval().to(dev)), "frozen", dev,
                          description=f"{backbone} (frozen base)")
-    ckpt = load_checkpoint(checkpoint)
-    if adapter_scale != 1.0:
-        ckpt = ckpt.with_adapter_scale(adapter_scale)
+    ckpt = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale)
     lora = ckpt.lora
     built = build_recognizer(ckpt.backbone, mode=lora.mode, rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
                              targets=lora.targets, **kwargs)
