@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import click
 import numpy as np
@@ -67,6 +68,8 @@ RECIPES = {
     "full": {"mode": "full"},
     "petal-distill": {"mode": "petal", **DISTILL},
     "petal-plain": {"mode": "petal", "p_plain": 0.3},  # 30 % of degraded faces only resized (third-party style)
+    # The same without the development identities, so that release choices are made on them (select_release.py).
+    "petal-plain-dev": {"mode": "petal", "p_plain": 0.3, "drop_dev_identities": True},
 }
 DEFAULT_ROW = "petal-plain"  # the shipped default's recipe; --adapter-scales scales its checkpoint
 ROWS = ("frozen", *RECIPES)
@@ -89,8 +92,11 @@ class Protocol:
 
 
 def build_protocol(lfw: FaceSet, orl: FaceSet, distractors: np.ndarray, seed: int,
-                   families: tuple[str, ...] = EVAL_FAMILIES) -> Protocol:
-    evaluation = splits.evaluation_identities()
+                   families: tuple[str, ...] = EVAL_FAMILIES, identities: Sequence[str] | None = None,
+                   unenrolled: int = UNENROLLED, family_stride: int = FAMILY_STRIDE,
+                   family_px: tuple[int, ...] = PROBE_PX) -> Protocol:
+    """The protocols' faces; by default on the evaluation identities (select_release.py: the development ones)."""
+    evaluation = splits.evaluation_identities() if identities is None else tuple(identities)
     index = {n: i for i, n in enumerate(lfw.names)}
     gallery, gallery_labels, probes, probe_labels, members = [], [], [], [], []
     for label, name in enumerate(evaluation):
@@ -102,14 +108,14 @@ def build_protocol(lfw: FaceSet, orl: FaceSet, distractors: np.ndarray, seed: in
             probes.append(i)
             probe_labels.append(label)
     probes, probe_labels = np.array(probes), np.array(probe_labels)
-    first = np.unique(probe_labels, return_index=True)[1][::FAMILY_STRIDE]
+    first = np.unique(probe_labels, return_index=True)[1][::family_stride]
     probe_images = lfw.images[probes]
     conditions = {"clean": probe_images}
     for px in PROBE_PX:
         conditions[f"{px}px"] = np.stack([degrade(lfw.images[i], np.random.default_rng([seed, px, int(i)]),
                                                   face_px=px)[0] for i in probes])
     for family in families:
-        for px in PROBE_PX:
+        for px in family_px:
             conditions[f"{family}@{px}"] = np.stack([
                 family_probe(probe_images[k], family, px, np.random.default_rng([seed, 17, px, int(k)]))
                 for k in first])
@@ -125,7 +131,7 @@ def build_protocol(lfw: FaceSet, orl: FaceSet, distractors: np.ndarray, seed: in
         gallery_labels=np.concatenate([gallery_labels, np.full(len(distractors), -1)]),
         probes=probe_images, probe_labels=probe_labels, family_index=first,
         hr_pairs=hr_pairs,
-        conditions=conditions, enrolled=np.arange(len(evaluation) - UNENROLLED))
+        conditions=conditions, enrolled=np.arange(len(evaluation) - unenrolled))
 
 
 def verification_pairs(members: list[np.ndarray], rng: np.random.Generator, genuine: int = 3000,

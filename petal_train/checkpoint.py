@@ -17,7 +17,7 @@ import torch
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path
 
-from .lora import ADAPTER_KEY, LoRAConfig
+from .lora import ADAPTER_KEY, HIGH_UP_SUFFIX, LoRAConfig
 from .torch_files import load_torch_file
 
 FORMAT = "petal-adapter-checkpoint"
@@ -75,22 +75,35 @@ class AdapterCheckpoint:
                                        for k, v in self.backbone_state.items()},
                        progress={k: v for k, v in self.progress.items() if k in RELEASE_PROGRESS})
 
-    def with_adapter_scale(self, factor: float) -> "AdapterCheckpoint":
+    def with_adapter_scale(self, factor: float, high: float | None = None) -> "AdapterCheckpoint":
         """The same adapters with their output scaled by `factor`: W0 + factor * dW, the frozen base at 0.
 
         A weight-space interpolation between the frozen recognizer and the trained one (WiSE-FT):
         a smaller factor keeps more of what the base knew, on faces unlike the training degradations.
+        `high` scales the high-quality branch alone (default: `factor`); 0 leaves sharp faces
+        (alpha = 1) to the frozen base.
         """
+        high = factor if high is None else high
         if not 0.0 < factor <= 1.0:
             raise PetalError(f"the adapter scale must be in (0, 1], got {factor}")
-        if factor == 1.0:
+        if not 0.0 <= high <= 1.0:
+            raise PetalError(f"the high-branch scale must be in [0, 1], got {high}")
+        if factor == high == 1.0:
             return self
         if self.backbone_state:
             raise PetalError("a full fine-tuning checkpoint has no adapters to scale")
+        if high != factor and self.lora.mode != "petal":
+            raise PetalError(f"a {self.lora.mode} checkpoint has one adapter per layer: no high branch to scale")
         from dataclasses import replace
 
-        return replace(self, lora=replace(self.lora, scale=self.lora.scale * factor),
-                       training={**self.training, "adapter_scale": self.training.get("adapter_scale", 1.0) * factor})
+        # The global scale carries `factor`; the high branch's up weights carry the rest of `high`.
+        adapters = {k: v * (high / factor) if k.endswith(HIGH_UP_SUFFIX) else v for k, v in self.adapters.items()}
+        record = self.training.get("adapter_scale", 1.0)
+        low_before, high_before = (record, record) if isinstance(record, float) else (record["low"], record["high"])
+        scales = {"low": low_before * factor, "high": high_before * high}
+        return replace(self, lora=replace(self.lora, scale=self.lora.scale * factor), adapters=adapters,
+                       training={**self.training,
+                                 "adapter_scale": scales["low"] if scales["low"] == scales["high"] else scales})
 
     def apply_to(self, backbone: torch.nn.Module, expected_base_sha256: str) -> None:
         """Load the adapters (or the full state) into an injected backbone built on the same base."""

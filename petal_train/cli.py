@@ -47,11 +47,14 @@ cli.add_command(grad_report_command)
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Where to write the release file.")
 @click.option("--adapter-scale", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
               help="Scale every adapter's output: W0 + s * dW (1: as trained; smaller keeps more of the frozen base).")
-def release(checkpoint: str, out: str, adapter_scale: float) -> None:
+@click.option("--high-branch-scale", type=click.FloatRange(0.0, 1.0),
+              help="Scale the high-quality branch alone (twin adapters; default: --adapter-scale). 0 leaves faces "
+                   "at alpha = 1 to the frozen base.")
+def release(checkpoint: str, out: str, adapter_scale: float, high_branch_scale: float | None) -> None:
     """Strip a run's checkpoint for shipping: FP16 adapters, no head or optimizer state."""
     from .checkpoint import load_checkpoint
 
-    path = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale).for_release().save(out)
+    path = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale, high_branch_scale).for_release().save(out)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

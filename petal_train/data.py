@@ -118,11 +118,12 @@ class TrainingData:
 
 def load_training_data(data: str | Path, holdout_fraction: float = 0.0, seed: int = 0,
                        aligner: Aligner | None = None, progress: bool = False,
-                       drop_eval_identities: bool = False) -> TrainingData:
+                       drop_eval_identities: bool = False, drop_dev_identities: bool = False) -> TrainingData:
     """Load any supported layout's training part, aligned, with a seeded identity holdout.
 
     Evaluation identities (petal_train.splits) never reach training: a set that holds some is
-    refused, naming them, or with `drop_eval_identities` they are removed first.
+    refused, naming them, or with `drop_eval_identities` they are removed first. With
+    `drop_dev_identities` the development identities are removed too (kept in `holdout`).
     """
     if not 0.0 <= holdout_fraction < 1.0:
         raise PetalError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
@@ -131,7 +132,9 @@ def load_training_data(data: str | Path, holdout_fraction: float = 0.0, seed: in
     if evaluation and not drop_eval_identities:
         splits.check_no_evaluation_identities(loaded.names, str(data))
     loaded = _drop_identities(loaded, evaluation)
-    holdout = holdout_identities(loaded.names, holdout_fraction, seed)
+    development = splits.overlap(loaded.names, splits.development_identities()) if drop_dev_identities else []
+    loaded = _drop_identities(loaded, development)
+    holdout = development + holdout_identities(loaded.names, holdout_fraction, seed)
     loaded = _drop_identities(loaded, holdout)
     if len(loaded.labels) == 0:
         raise PetalError(f"{data}: no training images left")

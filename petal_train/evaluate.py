@@ -211,11 +211,13 @@ def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_model(checkpoint: str | Path | None = None, backbone: str = "sface", backbone_weights: str | None = None,
-               iqa: str | Path | None = None, device: str = "auto", adapter_scale: float = 1.0) -> EvalModel:
+               iqa: str | Path | None = None, device: str = "auto", adapter_scale: float = 1.0,
+               high_branch_scale: float | None = None) -> EvalModel:
     """The frozen base (no checkpoint) or a trained checkpoint applied to its base.
 
     `adapter_scale` multiplies every adapter's output (weight-space interpolation between the frozen
-    base at 0 and the trained adapters at 1, as `petal-train release --adapter-scale` ships it).
+    base at 0 and the trained adapters at 1, as `petal-train release --adapter-scale` ships it);
+    `high_branch_scale` sets the high-quality branch's own factor (default: the same).
     """
     from .checkpoint import load_checkpoint
     from .distributed import resolve_device
@@ -228,7 +230,7 @@ def load_model(checkpoint: str | Path | None = None, backbone: str = "sface", ba
         built = build_recognizer(backbone, mode="frozen", **kwargs)
         return EvalModel(_channels_last(built.recognizer.eval().to(dev)), "frozen", dev,
                          description=f"{backbone} (frozen base)")
-    ckpt = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale)
+    ckpt = load_checkpoint(checkpoint).with_adapter_scale(adapter_scale, high_branch_scale)
     lora = ckpt.lora
     built = build_recognizer(ckpt.backbone, mode=lora.mode, rank=lora.rank, scale=lora.scale, dropout=lora.dropout,
                              targets=lora.targets, **kwargs)

@@ -68,7 +68,7 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # What a resumed run must share with the run it continues.
 RESUME_KEYS = ("data", "backbone", "backbone_weights", "mode", "rank", "lora_scale", "head", "head_scale",
                "margin", "holdout_fraction", "seed", "p_clean", "p_plain", "distill", "freeze_centres",
-               "exclude_families", "drop_eval_identities")
+               "exclude_families", "drop_eval_identities", "drop_dev_identities")
 
 
 @dataclass
@@ -104,6 +104,7 @@ class FitConfig:
     exclude_families: tuple[str, ...] = ()  # degradation families never drawn (leave-one-family-out)
     holdout_fraction: float = 0.0
     drop_eval_identities: bool = False  # train on the rest of a set that holds evaluation identities
+    drop_dev_identities: bool = False  # also keep the development identities out (release choices are made on them)
     calibration: str | None = None
     iqa: str | None = None
     calibration_sample: int = 1000  # as `petal-train calibrate`
@@ -342,7 +343,8 @@ class Trainer:
 
         self.data: TrainingData = load_training_data(config.data, config.holdout_fraction, config.seed,
                                                      progress=config.progress and ctx.is_main,
-                                                     drop_eval_identities=config.drop_eval_identities)
+                                                     drop_eval_identities=config.drop_eval_identities,
+                                                     drop_dev_identities=config.drop_dev_identities)
         self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean,
                                      config=DegradeConfig(exclude=tuple(config.exclude_families),
                                                           p_plain=config.p_plain),
@@ -743,6 +745,9 @@ _DEFAULTS = FitConfig(data="", out="")
 @click.option("--drop-eval-identities", is_flag=True,
               help="Drop the evaluation identities (petal_train/splits/lfw_eval.txt) the data holds, instead of "
                    "refusing it.")
+@click.option("--drop-dev-identities", is_flag=True,
+              help="Also keep the development identities (petal_train/splits/lfw_dev.txt) out of training, so that "
+                   "release choices can be made on them.")
 @click.option("--holdout-fraction", default=_DEFAULTS.holdout_fraction, show_default=True,
               help="Identities kept out of training (seeded).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False),

@@ -28,6 +28,7 @@ from petal_runtime.errors import PetalError
 
 MODES = ("petal", "lora", "full", "frozen")
 ADAPTER_KEY = "trainable_lora"
+HIGH_UP_SUFFIX = "trainable_lora_up2.weight"  # the high-quality branch's up projection (twin adapters)
 
 
 class AlphaGate:

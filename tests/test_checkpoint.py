@@ -142,3 +142,30 @@ def test_an_adapter_scale_interpolates_between_the_frozen_base_and_the_trained_a
     assert result.exit_code == 0, result.output
     released = load_checkpoint(tmp_path / "rel.pt")
     assert released.lora.scale == 0.5 * trained_like.lora.scale and released.training["adapter_scale"] == 0.5
+
+
+def test_a_high_branch_scale_of_zero_leaves_faces_at_alpha_one_to_the_frozen_base(trained_like, lfw_faces, tmp_path):
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+
+    from petal_train.cli import cli
+    from petal_train.evaluate import load_model
+    from petal_train.iqa import load_iqa
+
+    path = replace(_checkpoint(trained_like), iqa_sha256=load_iqa()[1]).save(tmp_path / "ckpt.pt")
+    x = torch.from_numpy(lfw_faces.images[:4].transpose(0, 3, 1, 2).copy()).float()
+    frozen = load_model(None, device="cpu").recognizer(x, torch.ones(4, 1))
+    low_only = load_model(path, device="cpu", high_branch_scale=0.0).recognizer
+    trained = load_model(path, device="cpu").recognizer
+    with torch.no_grad():
+        sharp, low = low_only(x, torch.ones(4, 1)), low_only(x, torch.zeros(4, 1))
+        assert torch.allclose(sharp, frozen, atol=1e-5), "alpha = 1 runs the frozen base alone"
+        assert torch.allclose(low, trained(x, torch.zeros(4, 1)), atol=1e-5), "the low branch is as trained"
+        assert not torch.allclose(low, frozen, atol=1e-3)
+    result = CliRunner().invoke(cli, ["release", str(path), "-o", str(tmp_path / "rel.pt"),
+                                      "--adapter-scale", "0.5", "--high-branch-scale", "0.25"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(tmp_path / "rel.pt").training["adapter_scale"] == {"low": 0.5, "high": 0.25}
+    with pytest.raises(PetalError, match="high-branch scale"):
+        load_checkpoint(path).with_adapter_scale(1.0, 1.5)

@@ -29,6 +29,14 @@ def test_the_committed_list_is_what_the_rule_gives_on_the_whole_lfw(shared_faces
     counts = {d.name: sum(1 for _ in d.glob("*.jpg")) for d in root.iterdir() if d.is_dir()}
     assert list(splits.evaluation_identities()) == splits.choose_evaluation_identities(counts)
     assert all(counts[name] >= 2 for name in splits.evaluation_identities())
+    assert list(splits.development_identities()) == splits.choose_development_identities(counts)
+    assert all(counts[name] >= 2 for name in splits.development_identities())
+
+
+def test_the_development_part_is_200_identities_apart_from_the_evaluation_ones():
+    development = splits.development_identities()
+    assert len(development) == len(set(development)) == splits.DEV_IDENTITIES
+    assert not splits.overlap(development), "release choices are never made on evaluation identities"
 
 
 @pytest.fixture
@@ -63,6 +71,25 @@ def test_dropping_evaluation_identities_trains_on_the_rest_only(folder_with_an_e
     assert data.names == ["Visitor_One", "Visitor_Two"]
     assert data.evaluation_dropped == ["george w bush"]
     assert sorted(np.unique(data.labels)) == [0, 1] and len(data) == 6
+
+
+def test_dropping_development_identities_keeps_them_out_of_training_as_a_holdout(shared_faces, tmp_path):
+    from petal_train.data import load_training_data
+    from tests.conftest import require_models
+
+    require_models()
+    dev_name = splits.development_identities()[0]
+    source = shared_faces / "lfw" / dev_name
+    if not source.is_dir():
+        pytest.skip(f"the whole LFW is not at {source.parent}")
+    root = tmp_path / "people"
+    for name, folder in {dev_name: source, "Visitor_One": shared_faces / "lfw10" / "Tony_Blair"}.items():
+        (root / name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.jpg"))[:2]:
+            shutil.copy(image, root / name / image.name)
+    assert load_training_data(root).names == sorted([dev_name, "Visitor_One"])
+    data = load_training_data(root, drop_dev_identities=True)
+    assert data.names == ["Visitor_One"] and data.holdout == [dev_name] and len(data) == 2
 
 
 def test_fit_refuses_evaluation_identities_before_any_training(folder_with_an_evaluation_identity, tmp_path):
