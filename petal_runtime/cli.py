@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from .ann import build_index
 from .annotate import for_display
 from .errors import INTERRUPTS, PetalError, exit_on_user_error, interrupt_exit_code
 from .models import PRECISIONS
@@ -29,6 +30,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 _DEFAULTS = PipelineConfig()  # every petal-run default that the pipeline has is read from here
 MIN_TRACK_FRAMES = 3
 _CALIBRATE = inspect.signature(calibrate_gallery).parameters  # petal-gallery calibrate's defaults
+_ANN = inspect.signature(build_index).parameters  # petal-gallery index's defaults (usearch is imported only to build)
 
 
 def _quiet_opencv() -> None:
@@ -447,9 +449,18 @@ def _calibrate(models, gallery, gallery_path: Path, folders, max_faces: int, gal
 
 
 def _stale_calibration_note(gallery_path: Path, gallery) -> None:
-    """After the gallery changed: say so when the calibration beside it no longer fits."""
+    """After the gallery changed: say so when the calibration (or the ANN index) beside it no longer fits."""
+    from .ann import index_command, index_meta_path, index_path
     from .openset import FarCalibration, calibrate_command, calibration_path
 
+    if index_meta_path(gallery_path).is_file():
+        try:
+            built_for = json.loads(index_meta_path(gallery_path).read_text()).get("entries_sha256")
+        except (OSError, ValueError, AttributeError):
+            built_for = None
+        if built_for != gallery.meta.get("entries_sha256"):
+            click.echo(f"note: {index_path(gallery_path)} no longer matches the gallery and is not used (exact "
+                       f"search until then); rebuild it with: {index_command(gallery_path)}", err=True)
     if not calibration_path(gallery_path).is_file():
         return
     try:
@@ -512,7 +523,7 @@ def gallery_calibrate(gallery_path: Path, faces, models_dir, max_faces: int, gal
     if models_dir is None:
         raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
     with _open_models(models_dir, backend) as models:
-        gallery = Gallery.load(gallery_path, models.fingerprint)
+        gallery = Gallery.load(gallery_path, models.fingerprint, index="exact")  # calibration scores exactly
         _calibrate(models, gallery, gallery_path, faces, max_faces, gallery_photos, seed)
 
 
@@ -533,7 +544,7 @@ def gallery_add(gallery_path: Path, sources, name, models_dir, backend) -> None:
     if models_dir is None:
         raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
     with _open_models(models_dir, backend) as models:
-        Gallery.load(gallery_path, models.fingerprint)  # refuse a wrong gallery before the embedding work
+        Gallery.load(gallery_path, models.fingerprint, index="exact")  # refuse a wrong gallery before the work
         check_writable(gallery_path, "gallery")
         check_writable(meta_path(gallery_path), "gallery metadata")
         report, aligner = EmbedReport(), ImageFaceAligner()
@@ -569,13 +580,66 @@ def gallery_remove(gallery_path: Path, names) -> None:
     _stale_calibration_note(gallery_path, gallery)
 
 
+@gallery_cli.command("index")
+@click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--connectivity", type=click.IntRange(2, 256), default=_ANN["connectivity"].default, show_default=True,
+              help="HNSW links per node (M): more is better recall and a bigger, slower-to-build index.")
+@click.option("--expansion-add", type=click.IntRange(1, 4096), default=_ANN["expansion_add"].default,
+              show_default=True, help="Search depth while building (efConstruction).")
+@click.option("--expansion-search", type=click.IntRange(1, 4096), default=_ANN["expansion_search"].default,
+              show_default=True, help="Search depth per query (ef), stored with the index: more is better recall "
+                                      "and slower queries.")
+@click.option("--candidates", type=click.IntRange(1, 4096), default=_ANN["candidates"].default, show_default=True,
+              help="Candidates per query re-scored with the exact cosine.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "i8"]), default=_ANN["dtype"].default, show_default=True,
+              help="The index's copy of the vectors (scores are always re-computed in float32).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Build threads (default: all cores).")
+@click.option("--check", is_flag=True, help="Only say whether the index beside GALLERY fits it (exit 0) or not (2).")
+def gallery_index(gallery_path: Path, connectivity: int, expansion_add: int, expansion_search: int, candidates: int,
+                  dtype: str, threads, check: bool) -> None:
+    """Build (or rebuild) the ANN index for a large gallery: GALLERY.ann.usearch and GALLERY.ann.json beside it.
+
+    Worth it from about 200,000 identities (exact search is a few ms below that). Needs usearch:
+    pip install 'petal[ann]'. Searches re-score the index's candidates exactly; the index is bound to
+    the gallery's content and refused once the gallery changes, until this command is run again.
+    """
+    from .ann import ANN_MIN_IDENTITIES, build_index, index_meta_path, index_path, load_index, usearch_index_class
+    from .files import check_writable
+    from .gallery import Gallery
+
+    usearch_index_class()  # before reading a gallery of a million: is the extra installed?
+    gallery = Gallery.load(gallery_path, index="exact")
+    if check:
+        index = load_index(gallery, gallery_path, "ann")
+        click.echo(f"{index.path}: fits {gallery_path} ({len(gallery)} identities; connectivity "
+                   f"{index.meta.connectivity}, expansion_search {index.expansion_search}, dtype {index.meta.dtype})")
+        return
+    check_writable(index_path(gallery_path), "ANN index")
+    check_writable(index_meta_path(gallery_path), "ANN index metadata")
+    if len(gallery) < ANN_MIN_IDENTITIES:
+        click.echo(f"note: {len(gallery)} identities: exact search is already fast below about "
+                   f"{ANN_MIN_IDENTITIES:,}; building the index anyway", err=True)
+    shown = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty() and (time.perf_counter() - shown[0] > 0.5 or done >= total):
+            shown[0] = time.perf_counter()
+            click.echo(f"\r  indexing: {done}/{total}", nl=done >= total, err=True)
+
+    index = build_index(gallery, gallery_path, connectivity, expansion_add, expansion_search, dtype, candidates,
+                        threads, progress)
+    click.echo(f"{index.path}: {len(index)} identities in {index.meta.build_seconds:g} s "
+               f"({index.meta.index_bytes / 2**20:.1f} MiB; connectivity {connectivity}, expansion_add "
+               f"{expansion_add}, expansion_search {expansion_search}, dtype {dtype}); {index_meta_path(gallery_path)}")
+
+
 @gallery_cli.command("list")
 @click.argument("gallery_path", type=click.Path(dir_okay=False, path_type=Path))
 def gallery_list(gallery_path: Path) -> None:
     """Identities, their image counts, and the models the gallery belongs to."""
     from .gallery import Gallery
 
-    gallery = Gallery.load(gallery_path)
+    gallery = Gallery.load(gallery_path, index="exact")
     for row in gallery.entries:
         click.echo(f"{for_display(str(row['name'])):<40} {int(row['count']):>4} image(s)")
     click.echo(f"{len(gallery)} identities, {gallery.dim}-d, models sha256 "

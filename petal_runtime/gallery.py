@@ -10,6 +10,11 @@ its embeddings would not be comparable, and a `.json` beside a `.npy` it was not
 The pair changes as one unit: writers hold an exclusive lock (flock on the gallery's folder) across
 read-modify-write (`Gallery.locked`), readers a shared one, so concurrent `petal-gallery add` runs
 never lose an update and a reader never sees a new `.npy` with an old `.json`.
+
+Search is exact by default. A gallery of hundreds of thousands of people can be given an ANN index
+(`petal-gallery index`, petal_runtime/ann.py), which `Gallery.load(path, index="auto")` picks up when it
+fits the gallery: the index proposes candidates and they are re-scored exactly, so the results have the
+same types and exact scores.
 """
 from __future__ import annotations
 
@@ -176,6 +181,7 @@ class Gallery:
     entries: np.ndarray  # structured, gallery_dtype(D)
     meta: dict = field(default_factory=dict)
     path: Path | None = None
+    ann: object | None = field(default=None, repr=False, compare=False)  # ann.AnnIndex bound to `entries`
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # --- construction
@@ -221,9 +227,22 @@ class Gallery:
 
     # --- persistence
     @classmethod
-    def load(cls, path: str | Path, fingerprint=None) -> "Gallery":
-        """Read g.npy (no pickle) and its .json; check them against `fingerprint` where given."""
+    def load(cls, path: str | Path, fingerprint=None, index: str = "auto") -> "Gallery":
+        """Read g.npy (no pickle) and its .json; check them against `fingerprint` where given.
+
+        `index`: "auto" (default) searches with the ANN index beside the gallery (g.ann.usearch, made by
+        `petal-gallery index`) where there is one that fits this gallery, else exactly (a stale or
+        unreadable index, or usearch missing, is a PetalWarning); "exact" never reads an index; "ann"
+        requires one (PetalError naming the command that builds it, or `pip install 'petal[ann]'`).
+        """
+        from .ann import _check_mode, load_index
+
         path = Path(path)
+        if _check_mode(index) != "exact":
+            with gallery_lock(path, exclusive=False):  # the gallery and its index pair are read as one unit
+                gallery = cls.load(path, fingerprint, "exact")
+                gallery.ann = load_index(gallery, path, index)
+            return gallery
         with gallery_lock(path, exclusive=False):
             if not path.is_file():
                 raise PetalError(f"gallery {path} not found (petal-gallery build makes one)")
@@ -250,6 +269,13 @@ class Gallery:
             gallery.check(fingerprint)
         return gallery
 
+    @property
+    def index(self):
+        """The ANN index searches use (ann.AnnIndex), or None for exact search. An index only serves the
+        entries it was built for: after add() or remove() the gallery searches exactly."""
+        ann = self.ann
+        return ann if ann is not None and getattr(ann, "entries", None) is self.entries else None
+
     @classmethod
     @contextlib.contextmanager
     def locked(cls, path: str | Path, fingerprint=None) -> Iterator["Gallery"]:
@@ -259,7 +285,7 @@ class Gallery:
                 gallery.add("Jane", embeddings)
         """
         with gallery_lock(path, exclusive=True):
-            gallery = cls.load(path, fingerprint)
+            gallery = cls.load(path, fingerprint, index="exact")  # an edit makes any index stale anyway
             yield gallery
             gallery.save(path)
 
@@ -359,15 +385,42 @@ class Gallery:
         """Cosine of each query [M, D] to each entry -> [M, len(gallery)]."""
         return _normalise(self._queries(embeddings, "queries")) @ self.embeddings.T
 
+    def rank(self, embeddings: np.ndarray, weights: np.ndarray | None = None,
+             top_k: int = 5) -> list[tuple[str, float]]:
+        """The `top_k` identities by `weights @ cosines` of the queries [n, D] (weights: one per query,
+        default 1/n each), best first, as (name, score). Exact over the whole gallery, or with the ANN
+        index over its candidates for the weighted query, re-scored exactly (the same scores)."""
+        if len(self) == 0:
+            return []
+        queries = _normalise(self._queries(embeddings, "queries"))
+        if len(queries) == 0:
+            return []
+        if weights is None:
+            weights = np.full(len(queries), 1.0 / len(queries))
+        weights = np.asarray(weights, np.float64).reshape(-1)
+        if weights.shape != (len(queries),) or not np.isfinite(weights).all():
+            raise PetalError(f"rank(): expected {len(queries)} finite weights, got shape {list(weights.shape)}")
+        names, ann = self.names, self.index
+        rows = None
+        if ann is not None:
+            query = (weights @ queries.astype(np.float64)).astype(np.float32)
+            if np.linalg.norm(query) > 1e-6:
+                rows = ann.candidates(query, max(int(top_k), ann.candidate_count))
+        if rows is None or len(rows) == 0:
+            scores = queries @ self.embeddings.T
+            mean = scores[0] if len(queries) == 1 and weights[0] == 1.0 else weights @ scores.astype(np.float64)
+            return [(names[i], float(mean[i])) for i in top_k_indices(mean, top_k)]
+        scores = queries @ self.embeddings[rows].T  # the true cosines of the candidates (rows ascending)
+        mean = scores[0] if len(queries) == 1 and weights[0] == 1.0 else weights @ scores.astype(np.float64)
+        return [(names[rows[i]], float(mean[i])) for i in top_k_indices(mean, top_k)]
+
     def identify(self, embedding: np.ndarray, threshold: float, top_k: int = 5) -> Match:
         if len(self) == 0:
             return Match(UNKNOWN, float("nan"), [])
         query = self._queries(embedding, "identify()")
         if len(query) != 1:
             raise PetalError(f"identify() takes one embedding [{self.dim}], got {len(query)}; use scores() for many")
-        row = self.scores(query)[0]
-        names = self.names
-        ranked = [(names[i], float(row[i])) for i in top_k_indices(row, top_k)]
+        ranked = self.rank(query, top_k=top_k)
         best_name, best = ranked[0]
         return Match(best_name if best >= threshold else UNKNOWN, best, ranked)
 

@@ -515,7 +515,7 @@ class OpenSetRule:
     def decide(self, gallery, embeddings: np.ndarray, qualities: np.ndarray, weights: np.ndarray | None = None,
                top_k: int = 5) -> Evidence:
         """Crops' embeddings [k, D] with their IQA qualities [k] -> the track's identity and decision."""
-        from .gallery import UNKNOWN, top_k_indices
+        from .gallery import UNKNOWN
 
         qualities = np.asarray(qualities, np.float64).reshape(-1)
         weights = np.maximum(qualities, 0.01) if weights is None else np.asarray(weights, np.float64).reshape(-1)
@@ -524,9 +524,9 @@ class OpenSetRule:
         decision = self.decision_at(effective)
         if len(gallery) == 0 or len(qualities) == 0:
             return Evidence(UNKNOWN, float("nan"), [], decision)
-        mean = weights @ gallery.scores(embeddings).astype(np.float64)  # [G]
-        names = gallery.names
-        ranked = [(names[i], float(mean[i])) for i in top_k_indices(mean, top_k)]  # O(G), not a full sort
+        # The quality-weighted mean cosine to each identity, top_k best: exact over the gallery (O(G), no full
+        # sort), or re-scored exactly over its ANN index's candidates where the gallery was loaded with one.
+        ranked = gallery.rank(embeddings, weights, top_k)
         name, best = ranked[0]
         return Evidence(name if best >= decision.threshold else UNKNOWN, best, ranked, decision)
 

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from ..ann import index_meta_path
 from ..errors import PetalError
 from ..files import atomic_path, first_line
 from ..gallery import UNKNOWN, Gallery
@@ -58,7 +59,7 @@ class GalleryState:
 
 def _stat_key(path: Path) -> tuple:
     out = []
-    for p in (path, path.with_name(path.name + ".json"), calibration_path(path)):
+    for p in (path, path.with_name(path.name + ".json"), calibration_path(path), index_meta_path(path)):
         try:
             s = p.stat()
             out.append((s.st_size, s.st_mtime_ns, s.st_ino))
@@ -439,9 +440,9 @@ class Service:
         s = self.config.service
         path = Path(s.gallery)
         key = _stat_key(path)
-        gallery = Gallery.load(path, self.models.fingerprint)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            gallery = Gallery.load(path, self.models.fingerprint)  # a stale ANN index: a warning, exact search
             rule = load_rule(gallery, path, s.far, s.threshold)
         for w in caught:
             self.log(f"warning: {w.message}")
