@@ -7,6 +7,10 @@
 The folder is what petal-export writes: `recognizer.onnx`, `iqa.onnx`, `manifest.json` and, on GPU
 machines, TensorRT engines. Every model file is checked against the sha256 manifest.json lists for it
 before it is loaded; `fingerprint` (the digests actually read) identifies the models a gallery was built with.
+
+With a server backend (`Models(None, backend="triton", url=URL)`) nothing is read from disk: the manifest and
+the graphs' digests are the ones the server's model configs declare (petal-export --triton writes them), and
+the fingerprint is made from them the same way.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import AUTO, choose_backend
-from .backends.base import Runner
+from .backends import AUTO, choose_backend, remote_backend
+from .backends.base import BackendSpec, Runner
 from .contract import IQA_FILE, MANIFEST_FILE, RECOGNIZER_FILE, Manifest
 from .errors import PetalError
 from .files import atomic_write_text, sha256_file
@@ -126,37 +130,33 @@ def fingerprint(models_dir: str | Path, manifest: Manifest | None = None) -> Fin
     models_dir = Path(models_dir)
     manifest = manifest or Manifest.load(models_dir)
     digests = [verify_file(models_dir, name, manifest) for name in (RECOGNIZER_FILE, IQA_FILE)]
+    return fingerprint_from_digests(digests[0], digests[1], manifest)
+
+
+def fingerprint_from_digests(recognizer_sha256: str, iqa_sha256: str, manifest: Manifest) -> Fingerprint:
+    """The fingerprint of graphs with these digests under this manifest (a folder's, or a server's)."""
     combined = hashlib.sha256(
-        f"recognizer:{digests[0]}\niqa:{digests[1]}\nthreshold:{manifest.iqa_threshold!r}\n"
+        f"recognizer:{recognizer_sha256}\niqa:{iqa_sha256}\nthreshold:{manifest.iqa_threshold!r}\n"
         f"clip:{manifest.alpha_clip}\n".encode()).hexdigest()
-    return Fingerprint(digests[0], digests[1], combined, int(manifest.embedding_size), manifest.backbone)
+    return Fingerprint(recognizer_sha256, iqa_sha256, combined, int(manifest.embedding_size), manifest.backbone)
 
 
 class Models:
-    def __init__(self, models_dir: str | Path, backend: str = AUTO, threads: int | None = None,
+    """The recognizer and IQA of one export, from a petal-export folder or, with a remote backend
+    (`url`: the triton backend), from the server that serves them."""
+
+    def __init__(self, models_dir: str | Path | None, backend: str = AUTO, threads: int | None = None,
                  max_batch: int = DEFAULT_MAX_BATCH, providers: list[str] | None = None,
-                 precision: str | None = None) -> None:
-        self.dir = Path(models_dir)
-        if not self.dir.is_dir():
-            raise PetalError(f"models folder {self.dir} does not exist (petal-export writes one)")
-        if not (self.dir / MANIFEST_FILE).is_file():
-            raise PetalError(f"no {MANIFEST_FILE} in {self.dir}: point --models at a petal-export output folder")
-        self.manifest = Manifest.load(self.dir)
-        for name in (RECOGNIZER_FILE, IQA_FILE):
-            if not (self.dir / name).is_file():
-                raise PetalError(f"{name} missing from {self.dir}: re-run petal-export")
-        self.fingerprint = fingerprint(self.dir, self.manifest)
-        self.backend, self.backend_notes = choose_backend(backend, self.dir)
+                 precision: str | None = None, url: str | None = None) -> None:
         if precision not in (None, *PRECISIONS):
             raise PetalError(f"precision must be fp32, fp16 or int8, got {precision!r}")
         self.precision = precision
         options = {"threads": threads, "providers": providers, "precision": precision}
-        self.recognizer: Runner = self.backend.create(self.dir, "recognizer", **options)
-        self.iqa: Runner = self.backend.create(self.dir, "iqa", **options)
-        for runner in (self.recognizer, self.iqa):  # the variant or engine each runner loads
-            path = getattr(getattr(runner, "loader", None), "path", None)
-            if path is not None and Path(path).parent.resolve() == self.dir.resolve():
-                verify_file(self.dir, Path(path).name, self.manifest)
+        server = remote_backend(backend, url)
+        if server is None:
+            self._open_folder(models_dir, backend, options)
+        else:
+            self._open_server(server, str(url), options)
         self.max_batch = max(1, int(max_batch))
         self.embedding_size = int(self.manifest.embedding_size)
         self.recognizer_calls = 0
@@ -170,8 +170,46 @@ class Models:
             self.close()
             raise
 
+    def _open_folder(self, models_dir: str | Path | None, backend: str, options: dict) -> None:
+        if models_dir is None:
+            raise PetalError("no models folder given (petal-export writes one; pass --models)")
+        self.dir: Path | None = Path(models_dir)
+        self.source = str(self.dir)
+        if not self.dir.is_dir():
+            raise PetalError(f"models folder {self.dir} does not exist (petal-export writes one)")
+        if not (self.dir / MANIFEST_FILE).is_file():
+            raise PetalError(f"no {MANIFEST_FILE} in {self.dir}: point --models at a petal-export output folder")
+        self.manifest = Manifest.load(self.dir)
+        for name in (RECOGNIZER_FILE, IQA_FILE):
+            if not (self.dir / name).is_file():
+                raise PetalError(f"{name} missing from {self.dir}: re-run petal-export")
+        self.fingerprint = fingerprint(self.dir, self.manifest)
+        self.backend, self.backend_notes = choose_backend(backend, self.dir)
+        self.recognizer: Runner = self.backend.create(self.dir, "recognizer", **options)
+        self.iqa: Runner = self.backend.create(self.dir, "iqa", **options)
+        for runner in (self.recognizer, self.iqa):  # the variant or engine each runner loads
+            path = getattr(getattr(runner, "loader", None), "path", None)
+            if path is not None and Path(path).parent.resolve() == self.dir.resolve():
+                verify_file(self.dir, Path(path).name, self.manifest)
+
+    def _open_server(self, spec: BackendSpec, url: str, options: dict) -> None:
+        """The manifest and digests come from what the server says it serves (petal-export --triton wrote
+        them into each model's config), checked as a folder's manifest is; nothing is read from disk."""
+        self.dir = None
+        self.source = url
+        served = spec.served(url, precision=options["precision"])
+        self.manifest = served.manifest
+        self.fingerprint = fingerprint_from_digests(served.recognizer_sha256, served.iqa_sha256, self.manifest)
+        if served.models_sha256 != self.fingerprint.models_sha256:
+            raise PetalError(f"{url} declares models sha256 {served.models_sha256[:12]}..., but its manifest and "
+                             f"graph digests make {self.fingerprint.models_sha256[:12]}...: its repository was "
+                             "edited by hand; write it again with petal-export --triton")
+        self.backend, self.backend_notes = spec, []
+        self.recognizer = spec.create(None, "recognizer", url=url, **options)
+        self.iqa = spec.create(None, "iqa", url=url, **options)
+
     @classmethod
-    def from_dir(cls, models_dir: str | Path, **kwargs) -> "Models":
+    def from_dir(cls, models_dir: str | Path | None, **kwargs) -> "Models":
         return cls(models_dir, **kwargs)
 
     def _check_contract(self) -> None:

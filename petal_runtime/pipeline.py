@@ -324,11 +324,12 @@ class Pipeline:
         self.reset()
 
     @classmethod
-    def from_dir(cls, models: str | Path, gallery: str | Path | Gallery | None = None, backend: str = "auto",
+    def from_dir(cls, models: str | Path | None, gallery: str | Path | Gallery | None = None, backend: str = "auto",
                  config: PipelineConfig | None = None, threads: int | None = None, precision: str | None = None,
-                 **kwargs) -> "Pipeline":
+                 url: str | None = None, **kwargs) -> "Pipeline":
+        """models: a petal-export folder; None with `url`, a server that serves them (--backend triton)."""
         loaded = Models.from_dir(models, backend=backend, threads=threads, precision=precision,
-                                 max_batch=(config or PipelineConfig()).batch_size)
+                                 max_batch=(config or PipelineConfig()).batch_size, url=url)
         try:
             if gallery is not None and not isinstance(gallery, Gallery):
                 gallery = Gallery.load(gallery, loaded.fingerprint)

@@ -14,7 +14,9 @@ RUNTIME_MODULES = ["petal_runtime", "petal_runtime.cli", "petal_runtime.pipeline
                    "petal_runtime.backends", "petal_runtime.backends.onnxrt", "petal_runtime.backends.trt",
                    "petal_runtime.backends.trt.memory", "petal_runtime.backends.trt.loader",
                    "petal_runtime.backends.trt.runner", "petal_runtime.backends.ort_gpu",
-                   "petal_runtime.backends.ort_gpu.loader", "petal_runtime.backends.ort_gpu.runner"]
+                   "petal_runtime.backends.ort_gpu.loader", "petal_runtime.backends.ort_gpu.runner",
+                   "petal_runtime.backends.triton", "petal_runtime.backends.triton.loader",
+                   "petal_runtime.backends.triton.runner", "petal_runtime.backends.triton.repository"]
 FORBIDDEN = ("torch", "petal_train", "petal_export", "torchvision")
 
 
@@ -23,7 +25,7 @@ def test_runtime_imports_no_torch():
         "import sys, importlib\n"
         f"for name in {RUNTIME_MODULES!r}: importlib.import_module(name)\n"
         "from petal_runtime.backends import backends\n"
-        "assert set(backends()) == {'onnxruntime', 'tensorrt', 'onnxruntime-gpu'}, backends()\n"
+        "assert set(backends()) == {'onnxruntime', 'tensorrt', 'onnxruntime-gpu', 'triton'}, backends()\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r})\n"
         "assert not bad, bad\n"
         "print('ok')\n"

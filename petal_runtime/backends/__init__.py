@@ -1,4 +1,5 @@
-"""Inference backends, one folder each (Polygraphy style): `onnxrt` (ONNX Runtime) and `trt` (TensorRT).
+"""Inference backends, one folder each (Polygraphy style): `onnxrt` (ONNX Runtime), `trt` (TensorRT),
+`ort_gpu` (ONNX Runtime's GPU providers) and `triton` (a Triton Inference Server, by URL).
 
 Each folder's __init__ exposes `BACKEND`, a `BackendSpec`; this module finds them by walking the
 package, so a new backend is a new folder and nothing else changes.
@@ -13,10 +14,12 @@ import pkgutil
 from pathlib import Path
 
 from ..errors import PetalError
-from .base import BackendSpec, Runner, TensorInfo
+from .base import BackendSpec, Runner, Served, TensorInfo
 
 AUTO = "auto"
 GRAPHS = ("recognizer", "iqa")
+# How a remote backend's unusable() begins when only its missing URL stands in the way.
+REMOTE_ONLY = "runs on a server"
 
 
 def backends() -> dict[str, BackendSpec]:
@@ -43,6 +46,24 @@ def get_backend(name: str) -> BackendSpec:
     raise PetalError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
 
 
+def remote_backend(name: str, url: str | None) -> BackendSpec | None:
+    """The remote backend a server URL is for (`auto` with a URL: the one remote backend), or None
+    for a local folder. A remote backend without a URL, or a URL for a local backend, is an error."""
+    if url is None:
+        if name != AUTO and get_backend(name).remote:
+            raise PetalError(f"backend {get_backend(name).name} runs on a server: give its URL (--triton-url URL)")
+        return None
+    remote = [spec for spec in backends().values() if spec.remote]
+    spec = get_backend(name) if name != AUTO else (remote[0] if len(remote) == 1 else None)
+    if spec is None or not spec.remote:
+        raise PetalError(f"a server URL ({url}) is for a server backend ({', '.join(s.name for s in remote)}), "
+                         f"not {name}")
+    reason = spec.unusable(Path(), "recognizer")
+    if reason and not reason.startswith(REMOTE_ONLY):
+        raise PetalError(f"backend {spec.name} cannot run here: {reason}")
+    return spec
+
+
 def choose_backend(name: str, models_dir: str | Path,
                    graphs: tuple[str, ...] = GRAPHS) -> tuple[BackendSpec, list[str]]:
     """The backend to use for `graphs` in `models_dir`, and notes on the ones passed over.
@@ -67,5 +88,5 @@ def choose_backend(name: str, models_dir: str | Path,
     raise PetalError("no backend can run these models: " + "; ".join(notes))
 
 
-__all__ = ["AUTO", "BackendSpec", "Runner", "TensorInfo", "backend_names", "backends", "choose_backend",
-           "get_backend"]
+__all__ = ["AUTO", "REMOTE_ONLY", "BackendSpec", "Runner", "Served", "TensorInfo", "backend_names", "backends",
+           "choose_backend", "get_backend", "remote_backend"]

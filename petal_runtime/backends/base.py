@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -129,6 +129,10 @@ class BackendSpec:
     "iqa") from that folder here, else the reason it cannot (missing library, no GPU, no file);
     it must be cheap and must not raise. `create(models_dir, graph, **options)` returns an inactive
     Runner. `priority`: auto picks the usable backend with the highest.
+
+    A remote backend (the models live on a server, not in a folder) also has `served(url, precision=)`,
+    which returns what the server says it serves (a `Served`); its `create` gets models_dir None and
+    `url=`. auto never picks one.
     """
 
     name: str
@@ -137,3 +141,19 @@ class BackendSpec:
     create: Callable[..., Runner]
     summary: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    served: Callable[..., "Served"] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.served is not None
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a server declares about the models it serves: the export's manifest (contract version
+    checked) and the sha256 of the FP32 graphs, and of both combined, that a gallery is tied to."""
+
+    manifest: Any  # contract.Manifest
+    recognizer_sha256: str
+    iqa_sha256: str
+    models_sha256: str
