@@ -10,6 +10,10 @@ format), never silently ignored. File names are `<graph><suffix>`: recognizer.on
 recognizer.int8.engine, ... (engine names follow petal_runtime.backends.trt.loader, which finds
 them by these names).
 
+Beside the files of the models folder, an export can write a model repository for a server: `triton`
+(`--triton DIR`, petal_export.triton), made from the verified files once they are in place. It is a row
+of the same kind (name, GPU, options), in REPOSITORIES.
+
 This module imports neither torch nor onnx.
 """
 from __future__ import annotations
@@ -24,7 +28,8 @@ from petal_runtime.errors import PetalError
 GRAPHS = ("recognizer", "iqa")
 
 # Format-specific options and the command-line flags that set them.
-OPTION_FLAGS = {"calib": "--calib", "batch": "--batch", "require_engine": "--require-engine"}
+OPTION_FLAGS = {"calib": "--calib", "batch": "--batch", "require_engine": "--require-engine",
+                "triton_instances": "--triton-instances"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,26 @@ _TABLE = (
 )
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in _TABLE}
 
+
+@dataclass(frozen=True)
+class RepositoryFormat:
+    """A model repository for a server, written from the export (a folder of its own, not <graph><suffix>)."""
+
+    name: str
+    layout: str  # what the folder holds
+    flag: str  # the option that selects it
+    needs_gpu: bool
+    options: frozenset[str]
+    summary: str
+
+
+REPOSITORIES: dict[str, RepositoryFormat] = {r.name: r for r in (
+    RepositoryFormat("triton", "DIR/petal_{iqa,recognizer,face}/", "--triton DIR", False,
+                     frozenset({"batch", "triton_instances"}),
+                     "Triton model repository: IQA with alpha and recognizer (ONNX Runtime; TensorRT plans where "
+                     "built), ensemble petal_face; --batch MAX is max_batch_size"),
+)}
+
 assert FORMATS["onnx"].filename("recognizer") == RECOGNIZER_FILE and FORMATS["onnx"].filename("iqa") == IQA_FILE
 
 
@@ -79,8 +104,18 @@ def selected_formats(fp16: bool = False, int8: bool = False) -> list[ExportForma
     return [FORMATS[n] for n in names]
 
 
-def validate_options(formats: Iterable[ExportFormat], given: Iterable[str]) -> None:
-    """Raise a one-line PetalError for an option that none of `formats` accepts.
+def selected_repositories(triton: bool = False) -> list[RepositoryFormat]:
+    return [REPOSITORIES["triton"]] if triton else []
+
+
+def _selecting_flag(row: ExportFormat | RepositoryFormat) -> str:
+    if isinstance(row, RepositoryFormat):
+        return row.flag
+    return "--int8" if row.precision == "int8" else "--fp16"
+
+
+def validate_options(formats: Iterable[ExportFormat | RepositoryFormat], given: Iterable[str]) -> None:
+    """Raise a one-line PetalError for an option that none of `formats` (and repositories) accepts.
 
     `given`: names of the format-specific options the user set explicitly (keys of OPTION_FLAGS).
     """
@@ -90,10 +125,12 @@ def validate_options(formats: Iterable[ExportFormat], given: Iterable[str]) -> N
             raise ValueError(f"{option!r} is not a format-specific option")
         if any(option in f.options for f in formats):
             continue
-        takers = [f.name for f in _TABLE if option in f.options]
-        hint = " (add --int8)" if all(FORMATS[t].precision == "int8" for t in takers) else " (add --fp16 or --int8)"
+        rows = [f for f in (*_TABLE, *REPOSITORIES.values()) if option in f.options]
+        flags = list(dict.fromkeys(_selecting_flag(f) for f in rows))
+        flags.sort(key=lambda f: ("--fp16", "--int8").index(f) if f in ("--fp16", "--int8") else 2)
         raise PetalError(f"{OPTION_FLAGS[option]} is not accepted by the selected formats "
-                         f"({', '.join(f.name for f in formats)}); only {', '.join(takers)} take it{hint}")
+                         f"({', '.join(f.name for f in formats)}); only {', '.join(f.name for f in rows)} take it "
+                         f"(add {' or '.join(flags)})")
 
 
 def format_table() -> str:
@@ -102,9 +139,12 @@ def format_table() -> str:
     for f in _TABLE:
         opts = ", ".join(OPTION_FLAGS[o] for o in sorted(f.options)) or "-"
         rows.append((f.name, f"<graph>{f.suffix}", "yes" if f.needs_gpu else "no", opts, f.summary))
+    for r in REPOSITORIES.values():
+        opts = ", ".join(OPTION_FLAGS[o] for o in sorted(r.options)) or "-"
+        rows.append((r.name, r.layout, "yes" if r.needs_gpu else "no", opts, f"{r.flag}: {r.summary}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows).rstrip()
 
 
-__all__ = ["ExportFormat", "FORMATS", "GRAPHS", "OPTION_FLAGS", "format_table", "selected_formats",
-           "validate_options"]
+__all__ = ["ExportFormat", "FORMATS", "GRAPHS", "OPTION_FLAGS", "REPOSITORIES", "RepositoryFormat", "format_table",
+           "selected_formats", "selected_repositories", "validate_options"]
