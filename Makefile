@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e '.[train,export,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,export,dev,triton]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -45,9 +45,24 @@ def _quiet_opencv() -> None:
 def _backend_option(func):
     from .backends import backend_names
 
+    func = click.option("--triton-url", "triton_url", metavar="URL", default=None,
+                        help="A Triton Inference Server that serves a petal-export --triton repository "
+                             "(http://HOST:8000 or grpc://HOST:8001): the IQA and recognizer run there, and "
+                             "--models is not needed. Implies --backend triton.")(func)
     return click.option("--backend", type=click.Choice(backend_names()), default="auto", show_default=True,
                         help="auto: TensorRT where importable, a GPU answers and engines exist; "
-                             "else ONNX Runtime.")(func)
+                             "else ONNX Runtime. triton: a server, by --triton-url.")(func)
+
+
+def _models_dir(models_dir: Path | None, gallery_path: Path | None, backend: str, triton_url: str | None):
+    """The models folder to open, or None where a server (--triton-url) serves the models."""
+    if triton_url is not None or backend == "triton":
+        return None  # Models says what is missing (a URL) or wrong (a local backend with a URL)
+    models_dir = models_dir or (_models_dir_from_gallery(gallery_path) if gallery_path is not None else None)
+    if models_dir is None:
+        raise PetalError("pass --models (the gallery does not name a models folder that exists here), "
+                         "or --triton-url URL")
+    return models_dir
 
 
 class _Progress:
@@ -244,9 +259,9 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
 @click.option("--no-frames", is_flag=True,
               help="Leave the per-frame list out of the JSON (and write no .frames.jsonl).")
 @click.option("--progress/--no-progress", default=None, help="Progress line on stderr (default: on a terminal).")
-def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, far, threshold, calibration_path,
-            top_k, min_face, detect_every, selection, per_track, min_track_frames, drop, precision, threads,
-            max_frames, no_frames, progress):
+def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, triton_url, far, threshold,
+            calibration_path, top_k, min_face, detect_every, selection, per_track, min_track_frames, drop, precision,
+            threads, max_frames, no_frames, progress):
     """Find who is in VIDEO: a video file, a folder of images, an rtsp://, http:// URL or camera:N."""
     import warnings
 
@@ -276,23 +291,22 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, fa
     started = time.perf_counter()
     bar = None
     try:
-        if models_dir is None:
-            models_dir = _models_dir_from_gallery(gallery_path)
-            if models_dir is None:
-                raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
+        models_dir = _models_dir(models_dir, gallery_path, backend, triton_url)
         config = PipelineConfig(min_face=min_face, detect_every=detect_every, far=far, open_set_threshold=threshold,
                                 top_k=top_k, selection=selection, per_track=per_track, drop=drop)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", PetalWarning)
             pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads,
-                                         precision=precision, calibration=calibration_path)
+                                         precision=precision, calibration=calibration_path, url=triton_url)
         for warning in caught:
             if issubclass(warning.category, PetalWarning):
                 click.echo(f"warning: {warning.message}", err=True)
                 report.setdefault("warnings", []).append(str(warning.message))
             else:
                 warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-        report["models"] = {"dir": str(models_dir), "backend": pipeline.models.backend.name,
+        report["models"] = {"dir": str(models_dir) if models_dir is not None else None,
+                            **({"url": triton_url} if triton_url is not None else {}),
+                            "backend": pipeline.models.backend.name,
                             "runs_on": pipeline.models.description(), **pipeline.models.fingerprint.to_dict(),
                             "iqa_threshold": pipeline.models.manifest.iqa_threshold,
                             "precision": precision or pipeline.models.manifest.precision,
@@ -402,11 +416,11 @@ def gallery_cli() -> None:
     """The people petal-run can name: a structured .npy (no pickle) plus a .json naming its models."""
 
 
-def _open_models(models_dir: Path, backend: str, gallery=None):
+def _open_models(models_dir: Path | None, backend: str, url: str | None = None):
     from .models import Models
 
     _quiet_opencv()
-    return Models.from_dir(models_dir, backend=backend)
+    return Models.from_dir(models_dir, backend=backend, url=url)
 
 
 def _report_skips(report) -> None:
@@ -472,7 +486,8 @@ def _stale_calibration_note(gallery_path: Path, gallery) -> None:
 
 @gallery_cli.command("build")
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--models", "models_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="petal-export output folder (required unless --triton-url).")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="gallery .npy")
 @click.option("--calibrate", "calibrate", is_flag=True,
               help="Also write the open-set calibration (as petal-gallery calibrate does), "
@@ -481,8 +496,8 @@ def _stale_calibration_note(gallery_path: Path, gallery) -> None:
               help="Calibration faces (implies --calibrate): folders of people, best not the ones to be identified.")
 @_calibration_options
 @_backend_option
-def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, faces, max_faces: int,
-                  gallery_photos: bool, seed: int, backend: str) -> None:
+def gallery_build(folder: Path, models_dir: Path | None, out: Path, calibrate: bool, faces, max_faces: int,
+                  gallery_photos: bool, seed: int, backend: str, triton_url: str | None) -> None:
     """Build a gallery from FOLDER/<identity>/<images> (each identity's images are averaged)."""
     from .files import check_writable
     from .gallery import build_gallery, meta_path
@@ -491,10 +506,12 @@ def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, fa
         raise PetalError(f"gallery files end in .npy (numpy would append it): {out}")
     check_writable(out, "gallery")
     check_writable(meta_path(out), "gallery metadata")
-    with _open_models(models_dir, backend) as models:
+    models_dir = _models_dir(models_dir, None, backend, triton_url)
+    with _open_models(models_dir, backend, triton_url) as models:
         gallery, report = build_gallery(models, folder,
                                         progress=lambda n, k: click.echo(f"  {n}: {k} image(s)", err=True))
-        gallery.meta["models_dir"] = str(models_dir.resolve())
+        if models_dir is not None:
+            gallery.meta["models_dir"] = str(models_dir.resolve())
         gallery.save(out)
         _report_skips(report)
         click.echo(f"{out}: {len(gallery)} identities from {report.used} images, {gallery.dim}-d")
@@ -515,14 +532,12 @@ def gallery_build(folder: Path, models_dir: Path, out: Path, calibrate: bool, fa
 @_calibration_options
 @_backend_option
 def gallery_calibrate(gallery_path: Path, faces, models_dir, max_faces: int, gallery_photos: bool, seed: int,
-                      backend: str) -> None:
+                      backend: str, triton_url: str | None) -> None:
     """Measure impostor scores per face quality for petal-run --far; writes GALLERY.far.json beside it."""
     from .gallery import Gallery
 
-    models_dir = models_dir or _models_dir_from_gallery(gallery_path)
-    if models_dir is None:
-        raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
-    with _open_models(models_dir, backend) as models:
+    models_dir = _models_dir(models_dir, gallery_path, backend, triton_url)
+    with _open_models(models_dir, backend, triton_url) as models:
         gallery = Gallery.load(gallery_path, models.fingerprint, index="exact")  # calibration scores exactly
         _calibrate(models, gallery, gallery_path, faces, max_faces, gallery_photos, seed)
 
@@ -535,15 +550,13 @@ def gallery_calibrate(gallery_path: Path, faces, models_dir, max_faces: int, gal
 @click.option("--models", "models_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Default: the models folder the gallery was built with.")
 @_backend_option
-def gallery_add(gallery_path: Path, sources, name, models_dir, backend) -> None:
+def gallery_add(gallery_path: Path, sources, name, models_dir, backend, triton_url) -> None:
     """Add people (or more images of people already in it) to a gallery."""
     from .files import check_writable
     from .gallery import EmbedReport, Gallery, ImageFaceAligner, embed_images, identity_folders, image_files, meta_path
 
-    models_dir = models_dir or _models_dir_from_gallery(gallery_path)
-    if models_dir is None:
-        raise PetalError("pass --models (the gallery does not name a models folder that exists here)")
-    with _open_models(models_dir, backend) as models:
+    models_dir = _models_dir(models_dir, gallery_path, backend, triton_url)
+    with _open_models(models_dir, backend, triton_url) as models:
         Gallery.load(gallery_path, models.fingerprint, index="exact")  # refuse a wrong gallery before the work
         check_writable(gallery_path, "gallery")
         check_writable(meta_path(gallery_path), "gallery metadata")
