@@ -200,7 +200,7 @@ def test_galleries_are_checked_against_the_servers_parameters(server, models_dir
 
 def test_gallery_and_run_through_the_server_give_the_local_answers(server, models_dir, tmp_path):
     """petal-gallery build and petal-run with --triton-url: the gallery's embeddings and every track's identity
-    and score as with the local backend (the issue's +-1e-5)."""
+    and score as with the local backend (scores as the report gives them, to 4 decimals)."""
     from conftest import require_shared_faces
 
     from petal_runtime.cli import gallery_cli
