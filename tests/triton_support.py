@@ -169,7 +169,10 @@ class LocalTritonServer:
 
     def __init__(self, venv: Path, repository: Path, log_dir: Path) -> None:
         self.venv, self.repository, self.log_dir = venv, repository, log_dir
-        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        while self.grpc_port == self.http_port:
+            self.grpc_port = free_port()
         self.process: subprocess.Popen | None = None
         self.starts = 0
         self.log_path = log_dir / "tritonserver.log"
