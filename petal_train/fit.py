@@ -340,7 +340,27 @@ class Trainer:
         self.ckpt_path = self.out / CHECKPOINT_FILE
         self.stop_signal: int | None = None
         resume = self._resume_state()
+        self._load_data()
+        torch.manual_seed(config.seed)  # identical adapter and head initialisation on every rank
+        self._build_model()
+        self._load_gate(resume)
+        self._init_weights(resume)
+        self._build_optimizer()
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self.elapsed, self.last_lr = 0.0, config.lr
+        if resume is not None:
+            self._load_progress(resume.progress)
+        sampler = DistributedSampler(self.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                     seed=config.seed, drop_last=True)
+        self.batches = _Batches(sampler, config.batch_size)
+        self.metrics = MetricsLog(self.out / METRICS_FILE, self.global_step if resume else None, ctx.is_main)
+        if ctx.is_main:
+            atomic_write_text(self.out / CONFIG_FILE, json.dumps(self._config_record(), indent=2))
 
+    # ---------------------------------------------------------------- setup helpers
+
+    def _load_data(self) -> None:
+        config, ctx = self.cfg, self.ctx
         self.data: TrainingData = load_training_data(config.data, config.holdout_fraction, config.seed,
                                                      progress=config.progress and ctx.is_main,
                                                      drop_eval_identities=config.drop_eval_identities,
@@ -358,7 +378,8 @@ class Trainer:
         # The learning rate decays to zero where training stops: at --max-steps when that comes first.
         self.schedule_steps = min(self.total_steps, config.max_steps or self.total_steps)
 
-        torch.manual_seed(config.seed)  # identical adapter and head initialisation on every rank
+    def _build_model(self) -> None:
+        config = self.cfg
         backbone_kwargs = {"weights": config.backbone_weights} if config.backbone_weights else {}
         self.built = build_recognizer(config.backbone, mode=config.mode, rank=config.rank, scale=config.lora_scale,
                                       dropout=config.dropout if config.dropout is not None else 0.1,
@@ -370,13 +391,16 @@ class Trainer:
         self.base_sha256 = base_weights_sha256(config.backbone, config.backbone_weights)
         self.head = build_head(config.head, self.built.spec.embedding_size, self.data.num_classes,
                                config.head_scale, config.margin)
-        self.device, self.dtype = ctx.device, PRECISIONS[config.precision]
+        self.device, self.dtype = self.ctx.device, PRECISIONS[config.precision]
         if self.dtype != torch.float32 and self.device.type != "cpu":
             raise PetalError(f"--precision {config.precision} is for CPU numerical checks; use fp32 (AMP) on GPU")
         # channels_last: oneDNN (CPU) and cuDNN (AMP) run these convs about a third faster.
         self.built.recognizer.to(self.device, self.dtype, memory_format=torch.channels_last)
         self.head.to(self.device, self.dtype)
 
+    def _load_gate(self, resume: AdapterCheckpoint | None) -> None:
+        """The IQA network and the threshold t (petal mode): resumed, read, or calibrated on the training data."""
+        config, ctx = self.cfg, self.ctx
         self.iqa, self.iqa_sha256, self.calibration = None, "", {}
         if config.mode == "petal":
             from .iqa import QualityScorer, load_iqa
@@ -392,6 +416,8 @@ class Trainer:
             self.iqa = QualityScorer(net).to(self.device, self.dtype).eval().requires_grad_(False)
         self.threshold = float(self.calibration.get("t", 0.5))
 
+    def _init_weights(self, resume: AdapterCheckpoint | None) -> None:
+        config = self.cfg
         if resume is not None:
             resume.apply_to(self.built.recognizer.backbone, self.base_sha256)
             self.head.load_state_dict({k: v.to(self.device) for k, v in resume.head.items()})
@@ -402,28 +428,16 @@ class Trainer:
         # The teacher: the frozen recognizer itself (adapters bypassed), or a frozen copy in `full` mode.
         self.teacher = copy.deepcopy(self.built.recognizer).eval() if config.mode == "full" and config.distill else None
 
+    def _build_optimizer(self) -> None:
+        config = self.cfg
         self.module = _TrainModule(self.built, self.head, config.distill)
-        self.model = D.wrap(self.module, ctx)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.model = D.wrap(self.module, self.ctx)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         warmup = int(round(config.warmup_epochs * self.steps_per_epoch))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_warmup(warmup, self.schedule_steps, config.poly_power))
-        self.scaler = D.grad_scaler(ctx)
-        self.epoch = self.step_in_epoch = self.global_step = 0
-        self.elapsed, self.last_lr = 0.0, config.lr
-        if resume is not None:
-            self._load_progress(resume.progress)
-
-        sampler = DistributedSampler(self.dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=config.seed, drop_last=True)
-        self.batches = _Batches(sampler, config.batch_size)
-        self.metrics = MetricsLog(self.out / METRICS_FILE, self.global_step if resume else None, ctx.is_main)
-        if ctx.is_main:
-            atomic_write_text(self.out / CONFIG_FILE, json.dumps(self._config_record(), indent=2))
-
-    # ---------------------------------------------------------------- setup helpers
+        self.scaler = D.grad_scaler(ctx=self.ctx)
 
     def _resume_state(self) -> AdapterCheckpoint | None:
         exists = self.ckpt_path.is_file()
