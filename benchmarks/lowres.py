@@ -18,12 +18,15 @@ every trained row learns from the rest of LFW (`--drop-eval-identities`). Protoc
 Rows: frozen; petal (the paper's recipe, margin loss with centres that train), lora and full (the
 same recipe); petal-distill (frozen centres + distillation toward the frozen model);
 petal-distill-lofo-<family>; petal-plain (the paper's recipe with 30 % of degraded faces only
-resized, --p-plain: the shipped default); petal-plain-x<s> (its adapters scaled by s, --adapter-scales); rows saved
+resized, --p-plain); petal-plain-dev (the same without the development identities: the shipped default's run,
+its release scales chosen by select_release.py); default (the shipped default checkpoint, as shipped);
+petal-plain-x<s> (petal-plain's adapters scaled by s, --adapter-scales); rows saved
 by earlier runs (e.g. petal-250, the same recipe at 250 steps); and, with --exported DIR, the
 exported graphs (FP32/FP16/INT8) through petal_runtime on ONNX Runtime.
 
     python benchmarks/lowres.py                        # train what is missing, evaluate every row
     python benchmarks/lowres.py --rows frozen,petal    # some rows
+    python benchmarks/lowres.py --rows default         # the shipped checkpoint, as shipped
     python benchmarks/lowres.py --rows "" --exported exported/   # rows of a petal-export folder
 
 Runs land in benchmarks/runs/<row>/; results in benchmarks/results/lowres_<row>.json, the tables
@@ -47,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from petal_runtime.files import atomic_write_text  # noqa: E402
 from petal_train import splits  # noqa: E402
 from petal_train.checkpoint import load_checkpoint  # noqa: E402
+from petal_train.default import default_checkpoint_path  # noqa: E402
 from petal_train.degrade import FAMILIES, degrade, family_probe  # noqa: E402
 from petal_train.evaluate import (identification, load_model, open_set_identification, plot_cmc,  # noqa: E402
                                   tar_at_far, verification_accuracy)
@@ -71,8 +75,9 @@ RECIPES = {
     # The same without the development identities, so that release choices are made on them (select_release.py).
     "petal-plain-dev": {"mode": "petal", "p_plain": 0.3, "drop_dev_identities": True},
 }
-DEFAULT_ROW = "petal-plain"  # the shipped default's recipe; --adapter-scales scales its checkpoint
-ROWS = ("frozen", *RECIPES)
+DEFAULT_ROW = "petal-plain-dev"  # the shipped default's run; --adapter-scales scales its checkpoint
+SHIPPED_ROW = "default"  # the shipped checkpoint (petal_train.default) as shipped: FP16 adapters, release scales
+ROWS = ("frozen", *RECIPES, SHIPPED_ROW)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,14 +332,23 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
         print(f"protocol: {len(protocol.gallery)} gallery entries, {len(protocol.probes)} probes, "
               f"{len(protocol.conditions)} conditions ({time.time() - started:.0f} s)", flush=True)
     for row in wanted:
-        if row != "frozen" and row not in recipes:
-            raise SystemExit(f"error: unknown row {row!r}; choose from {', '.join(['frozen', *recipes])}")
-        ckpt = None if row == "frozen" else train(row, recipes[row], Path(runs) / row, steps, batch, seed, iqa,
-                                                  calibration)
+        if row not in ("frozen", SHIPPED_ROW) and row not in recipes:
+            raise SystemExit(f"error: unknown row {row!r}; choose from {', '.join(['frozen', *recipes, SHIPPED_ROW])}")
+        if row == SHIPPED_ROW:
+            ckpt = default_checkpoint_path()
+        else:
+            ckpt = None if row == "frozen" else train(row, recipes[row], Path(runs) / row, steps, batch, seed, iqa,
+                                                      calibration)
         result = evaluate_row(load_model(ckpt, iqa=iqa), protocol)
         print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
         trained = 0 if ckpt is None else int(load_checkpoint(ckpt).progress.get("global_step", 0))
-        record = {"row": row, "recipe": recipes.get(row, {}), "steps": trained,
+        recipe = recipes.get(row, {})
+        if row == SHIPPED_ROW:
+            training = load_checkpoint(ckpt).training
+            recipe = {"checkpoint": ckpt.name, "adapter_scale": training.get("adapter_scale", 1.0),
+                      **{k: training["config"][k] for k in ("mode", "p_plain", "drop_dev_identities")
+                         if k in training.get("config", {})}}
+        record = {"row": row, "recipe": recipe, "steps": trained,
                   "batch": batch, "seed": seed, "result": result}
         atomic_write_text(out_dir / f"lowres_{row}.json", json.dumps(record, indent=2))
     for factor, row in zip(scales, scaled_rows):

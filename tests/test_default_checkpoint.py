@@ -25,6 +25,19 @@ def test_default_checkpoint_is_a_small_petal_release_described_beside_it():
     assert info["iqa_threshold_t"] == pytest.approx(ckpt.iqa_threshold, abs=1e-4)
 
 
+def test_the_release_scales_are_the_ones_chosen_on_the_development_identities():
+    """Release knobs are chosen on identities the checkpoint never trained on and the benchmark never reports."""
+    from pathlib import Path
+
+    ckpt = load_checkpoint(DEFAULT)
+    assert ckpt.training["config"]["drop_dev_identities"], "the development identities never trained"
+    selection = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "select_release.json"
+    chosen = json.loads(selection.read_text())["chosen"]
+    shipped = ckpt.training.get("adapter_scale", 1.0)
+    low, high = (shipped, shipped) if isinstance(shipped, float) else (shipped["low"], shipped["high"])
+    assert (low, high) == (chosen["adapter_scale"], chosen["high_branch_scale"])
+
+
 @pytest.mark.slow
 def test_default_adapters_recognise_low_resolution_lfw_faces_better_than_the_frozen_base(lfw_faces):
     """Gallery: one clean photo per LFW10 identity; 90 probes degraded to 20 and 24 px."""
@@ -35,6 +48,6 @@ def test_default_adapters_recognise_low_resolution_lfw_faces_better_than_the_fro
         return {name: c["rank-1"] for name, c in result["conditions"].items()}
 
     frozen, petal = rank1(None), rank1(DEFAULT)
-    assert petal["20px"] >= frozen["20px"] + 0.05, (frozen, petal)  # measured: 0.789 -> 0.911
+    assert petal["20px"] >= frozen["20px"] + 0.05, (frozen, petal)  # measured: 0.789 -> 0.900
     assert petal["24px"] > frozen["24px"], (frozen, petal)          # measured: 0.944 -> 0.967
     assert petal["clean"] >= frozen["clean"] - 0.012, (frozen, petal)  # at most one probe of 90 lost
