@@ -47,7 +47,7 @@ INDEX_MODES = ("auto", "exact", "ann")
 # queries at cosine 0.5-0.7 to their gallery row; see the README's ANN section for the measurements.
 DEFAULT_CONNECTIVITY = 32
 DEFAULT_EXPANSION_ADD = 64
-DEFAULT_EXPANSION_SEARCH = 256
+DEFAULT_EXPANSION_SEARCH = 1024  # recall first: 0.965 at 1M random rows, still 3x faster than exact there
 DEFAULT_CANDIDATES = 32  # candidates re-scored exactly per search (at least top_k)
 DEFAULT_DTYPE = "f16"  # the graph's own copy of the vectors; candidates are re-scored in float32 anyway
 _ADD_CHUNK = 20_000  # rows per add() call: progress, and Ctrl-C is seen between chunks
