@@ -8,7 +8,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError
 from petal_runtime.files import sha256_file
 from petal_train.calibrate import score_quality
@@ -145,23 +144,6 @@ def test_training_samples_are_seeded_crops_with_severity_targets(lfw_faces):
     assert np.array_equal(x, x2) and np.array_equal(y, y2)
     full, _ = training_samples(faces, config, epoch=1)
     assert full.shape == (3 * 2, 112, 112, 3)
-
-
-def test_alpha_formula_and_clipping_agree_for_numpy_torch_and_floats():
-    q = np.array([-1.0, 0.1, 0.35, 0.6, 0.8, 2.0], np.float32)
-    t = 0.6
-    expected_raw = 0.5 + (q - t)
-    assert np.allclose(alpha_from_quality(q, t, clip=False), expected_raw)
-    clipped = alpha_from_quality(q, t)
-    assert np.allclose(clipped, np.clip(expected_raw, 0, 1))
-    assert clipped.min() == 0.0 and clipped.max() == 1.0
-    as_torch = alpha_from_quality(torch.from_numpy(q), t)
-    assert isinstance(as_torch, torch.Tensor)
-    assert np.array_equal(as_torch.numpy(), clipped)
-    assert np.array_equal(alpha_from_quality(torch.from_numpy(q), t, clip=False).numpy(),
-                          alpha_from_quality(q, t, clip=False))
-    assert [alpha_from_quality(float(v), t) for v in q] == pytest.approx(clipped.tolist(), abs=1e-6)
-    assert alpha_from_quality(t, t) == 0.5
 
 
 @pytest.mark.shared

@@ -1,12 +1,10 @@
 """The PETALface model core: twin LoRA, injection, the SFace backbone, checkpoints, registry."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from petal_runtime.contract import alpha_from_quality
 from petal_runtime.errors import PetalError
 from petal_train.lora import (AlphaGate, TwinLoRAConv2d, TwinLoRALinear, adapter_state_dict,
                               inject)
@@ -138,12 +136,3 @@ def test_twin_adapters_without_alpha_say_how_to_call_them():
     inject(model, ("fc",), mode="petal")
     with pytest.raises(RuntimeError, match="PetalRecognizer"):
         model(torch.randn(1, 3, 16, 16))
-
-
-def test_alpha_formula_is_shared_by_numpy_torch_and_floats():
-    q = np.array([0.1, 0.6, 0.95], np.float32)
-    expected = np.clip(0.5 + (q - 0.7), 0, 1)
-    assert np.allclose(alpha_from_quality(q, 0.7), expected)
-    assert np.allclose(alpha_from_quality(torch.from_numpy(q), 0.7).numpy(), expected)
-    assert alpha_from_quality(0.95, 0.7) == pytest.approx(0.75)
-    assert alpha_from_quality(0.1, 0.7, clip=False) == pytest.approx(-0.1)
