@@ -165,7 +165,7 @@ def _pin_fp32(trt, network, names: frozenset[str]) -> int:
 
 def build_engine(request: EngineRequest, target: Path, memory, log: Callable[[str], None] = print) -> dict:
     """Build, serialise and write one engine (header + plan) to `target`; returns the header fields."""
-    from petal_runtime.backends.trt.loader import EngineHeader
+    from petal_runtime.backends.trt.loader import EngineHeader, write_engine_file
 
     trt = _import()
     version = str(trt.__version__)
@@ -211,10 +211,7 @@ def build_engine(request: EngineRequest, target: Path, memory, log: Callable[[st
              "profile": {name: [list(s) for s in shapes] for name, shapes in request.profile.items()},
              "fp32_layers": pinned, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
              **(request.extra or {})}
-    header = EngineHeader.for_device(version, device, **extra)
-    with open(target, "wb") as handle:
-        handle.write(header.to_bytes())
-        handle.write(memoryview(serialized))
+    write_engine_file(target, serialized, EngineHeader.for_device(version, device, **extra))
     what = (f"strongly typed from {request.onnx_path.name}" if plan.typing == STRONG
             else f"weakly typed (FP16 flag, {pinned} layers pinned to FP32)")
     log(f"  {request.graph} {request.precision} engine: TensorRT {version} on {device.name} "

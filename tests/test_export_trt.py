@@ -161,6 +161,33 @@ def test_fp16_engine_is_strongly_typed_from_the_fp16_graph(fake, petal_home, tmp
     assert read_engine_header(target) == header and b'"strongly_typed": true' in plan
 
 
+@pytest.mark.parametrize("version", trt_fakes.BOTH, ids=trt_fakes.BOTH_IDS)
+def test_exporter_writes_engines_through_the_runtime_writer_and_the_loader_reads_them(
+        fake, petal_home, tmp_path, graphs, monkeypatch, version):
+    """One definition of the engine file format: the exporter hands the plan and its header to
+    petal_runtime's write_engine_file, and the runtime's loader reads both back unchanged and
+    deserialises the engine."""
+    from petal_runtime.backends.trt import loader
+
+    written, real = [], loader.write_engine_file
+
+    def spy(path, engine, header):
+        written.append((path, bytes(memoryview(engine)), header))
+        return real(path, engine, header)
+
+    monkeypatch.setattr(loader, "write_engine_file", spy)
+    trt = fake(version)
+    info, target, _, _ = _build(trt, _request(graphs["sources"]["onnx-fp16"]["recognizer"]), tmp_path,
+                                "recognizer.fp16.engine")
+    assert [path for path, _, _ in written] == [target], "the exporter wrote the engine file itself"
+    _, plan, header = written[0]
+    assert loader.read_engine_file(target) == (header, plan) and loader.read_engine_header(target) == header
+    assert info == {"tensorrt_version": header.tensorrt_version, "gpu": header.gpu,
+                    "compute_capability": header.compute_capability, **header.extra}
+    source = loader.EngineFromFile(target)
+    assert source(get_memory().device_info()) is not None and source.header == header
+
+
 def test_fp16_before_10_12_is_weakly_typed_with_fp32_islands(fake, petal_home, tmp_path, graphs):
     trt = fake("10.11.0.33", layers=[("/conv/Conv", "Conv", ["FLOAT"]),
                                      ("/norm/LayerNorm", "LayerNormalization", ["FLOAT"]),

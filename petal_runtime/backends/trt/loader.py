@@ -3,8 +3,8 @@
 A serialised TensorRT engine only runs with the TensorRT version that built it, and (unless built
 hardware-compatible) on GPUs of the same compute capability. petal-export therefore writes a small
 header in front of every engine, and the runtime refuses a mismatched engine with a clear message
-instead of TensorRT's crash or garbage. The exporter imports `write_engine_file` and `EngineHeader`
-from here, so there is one definition of the format:
+instead of TensorRT's crash or garbage. The format is defined here once: `write_engine_file` is
+the one writer (petal-export imports it) and `unpack_engine` the one reader:
 
     8 bytes   magic b"PETALTRT"
     4 bytes   header length L, unsigned little-endian
@@ -80,13 +80,9 @@ class EngineHeader:
         return cls(str(tensorrt_version), device.name, device.compute_capability, HEADER_FORMAT, dict(extra))
 
 
-def pack_engine(engine: bytes | bytearray | memoryview | Any, header: EngineHeader) -> bytes:
-    """Header + engine bytes. `engine` may be TensorRT's IHostMemory (it supports the buffer protocol)."""
-    return header.to_bytes() + bytes(memoryview(engine))
-
-
-def write_engine_file(path: str | Path, engine, header: EngineHeader) -> Path:
-    """Write header + engine atomically; returns the path."""
+def write_engine_file(path: str | Path, engine: bytes | bytearray | memoryview | Any, header: EngineHeader) -> Path:
+    """Write header + engine atomically; returns the path. `engine` may be TensorRT's IHostMemory
+    (it supports the buffer protocol), written without a copy."""
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
