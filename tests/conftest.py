@@ -24,6 +24,15 @@ def require_models() -> None:
 
 
 @pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The real default checkpoint exported once per checkout (tests/runtime_support.py caches it)."""
+    import runtime_support as rs
+
+    require_models()
+    return rs.exported_models()
+
+
+@pytest.fixture(scope="session")
 def shared_faces() -> Path:
     return require_shared_faces()
 

@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-import runtime_support as rs
 from petal_runtime.backends import choose_backend, get_backend
 from petal_runtime.backends.onnxrt import OnnxrtRunner, SessionFromOnnx
 from petal_runtime.backends.onnxrt import loader as ort_loader
@@ -19,14 +18,6 @@ from petal_runtime.backends.trt.loader import (EngineHeader, check_engine_header
                                                write_engine_file)
 from petal_runtime.backends.trt.memory import DeviceInfo, get_memory, probe_gpu
 from petal_runtime.errors import PetalError
-
-
-@pytest.fixture(scope="module")
-def models_dir():
-    from conftest import require_models
-
-    require_models()
-    return rs.exported_models()
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime

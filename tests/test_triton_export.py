@@ -23,14 +23,6 @@ from petal_runtime.models import fingerprint
 
 
 @pytest.fixture(scope="module")
-def models_dir():
-    from conftest import require_models
-
-    require_models()
-    return rs.exported_models()
-
-
-@pytest.fixture(scope="module")
 def repository(models_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton") / "repo"
     lines: list[str] = []

@@ -31,14 +31,6 @@ BATCH = (1, 2, 4)
 
 
 @pytest.fixture(scope="module")
-def models_dir():
-    from conftest import require_models
-
-    require_models()
-    return rs.exported_models()
-
-
-@pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
     pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install 'petal[triton]')")
     from petal_export.triton import TritonOptions, write_repository
