@@ -341,10 +341,11 @@ def main(rows: str, lofo_family: str, steps: int, batch: int, seed: int, iqa: st
                                                       calibration)
         result = evaluate_row(load_model(ckpt, iqa=iqa), protocol)
         print(f"[{row}] evaluated in {result['seconds']:.0f} s", flush=True)
-        trained = 0 if ckpt is None else int(load_checkpoint(ckpt).progress.get("global_step", 0))
+        saved = None if ckpt is None else load_checkpoint(ckpt)
+        trained = 0 if saved is None else int(saved.progress.get("global_step", 0))
         recipe = recipes.get(row, {})
         if row == SHIPPED_ROW:
-            training = load_checkpoint(ckpt).training
+            training = saved.training
             recipe = {"checkpoint": ckpt.name, "adapter_scale": training.get("adapter_scale", 1.0),
                       **{k: training["config"][k] for k in ("mode", "p_plain", "drop_dev_identities")
                          if k in training.get("config", {})}}

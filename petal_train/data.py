@@ -134,8 +134,9 @@ def load_training_data(data: str | Path, holdout_fraction: float = 0.0, seed: in
     loaded = _drop_identities(loaded, evaluation)
     development = splits.overlap(loaded.names, splits.development_identities()) if drop_dev_identities else []
     loaded = _drop_identities(loaded, development)
-    holdout = development + holdout_identities(loaded.names, holdout_fraction, seed)
-    loaded = _drop_identities(loaded, holdout)
+    chosen = holdout_identities(loaded.names, holdout_fraction, seed)
+    loaded = _drop_identities(loaded, chosen)
+    holdout = development + chosen
     if len(loaded.labels) == 0:
         raise PetalError(f"{data}: no training images left")
     loaded.holdout, loaded.evaluation_dropped = holdout, evaluation
