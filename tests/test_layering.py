@@ -46,3 +46,17 @@ def test_the_demo_runs_as_its_own_package():
     from petal_demo.demo import main
 
     assert main.name == "main" and (REPO / "petal_demo" / "__main__.py").is_file()
+
+
+
+def test_torch_optimizers_work_from_a_benchmark_script():
+    # A script's folder comes first on sys.path: benchmarks/triton.py once hid the `triton` package that
+    # torch's compiler probes for, and every training run started from benchmarks/ died building AdamW.
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch; "
+            "torch.optim.AdamW([torch.zeros(1, requires_grad=True)])")
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]

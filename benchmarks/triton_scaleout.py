@@ -2,11 +2,11 @@
 concurrent clients (and the server's own batch sizes), and petal-run on the 720p benchmark clip through
 Triton against the local backend (the same people, scores within 1e-5). Prints markdown tables.
 
-    python benchmarks/triton.py                          # the tests' stand-in: pytriton's tritonserver, Python
-                                                         # backend running the exported ONNX with ONNX Runtime
-    python benchmarks/triton.py --instances 2            # two model instances in the stand-in
-    python benchmarks/triton.py --url grpc://gpu:8001 --models exported/   # a real server serving the
-                                                         # petal-export --triton repository of exported/
+    python benchmarks/triton_scaleout.py                 # the tests' stand-in: pytriton's tritonserver,
+                                                         # Python backend running the exported ONNX with ORT
+    python benchmarks/triton_scaleout.py --instances 2   # two model instances in the stand-in
+    python benchmarks/triton_scaleout.py --url grpc://gpu:8001 --models exported/   # a real server serving
+                                                         # the petal-export --triton repository of exported/
 
 --models (default: the test suite's export of the default checkpoint) is the local side of the
 comparison and, for the stand-in, what it serves. Compare throughput only from a quiet machine: the
