@@ -235,6 +235,116 @@ class _BoundedQueue:
 _END = object()
 
 
+class _Stages:
+    """One Pipeline.run: decoding, analysis (detect, align, associate) and recognition, a thread each,
+    joined by bounded queues. The frames queue follows the drop policy; the other two block.
+
+    Every stage puts _END on its output queue when it stops, for whatever reason; an exception in a
+    stage is kept for the consumer (which re-raises it) and stops the others.
+    """
+
+    def __init__(self, pipeline: "Pipeline", src: Source, owned: bool, keep_images: bool) -> None:
+        config = pipeline.config
+        policy = config.drop
+        if policy == "auto":
+            policy = "drop-oldest" if src.live else "block"
+        self.pipeline, self.stats = pipeline, pipeline.stats
+        self.src, self.owned, self.keep_images = src, owned, keep_images
+        self.frames_q = _BoundedQueue(config.queue_size, policy)
+        self.pending_q = _BoundedQueue(config.queue_size)
+        self.results_q = _BoundedQueue(config.queue_size)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [self._thread(self.read, self.frames_q, "petal-decode"),
+                        self._thread(self.analyze, self.pending_q, "petal-analyze"),
+                        self._thread(self.recognize, self.results_q, "petal-recognize")]
+
+    def _thread(self, body, out_q: _BoundedQueue, name: str) -> threading.Thread:
+        return threading.Thread(target=self._guarded, args=(body, out_q), name=name, daemon=True)
+
+    def _guarded(self, body, out_q: _BoundedQueue) -> None:
+        try:
+            body()
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self.errors.append(exc)
+            self.stop.set()
+        finally:
+            out_q.put(_END, self.stop, force=True)
+
+    def read(self) -> None:
+        """Decode frames into the frames queue (which drops by policy when full)."""
+        try:
+            iterator = iter(self.src)
+            while not self.stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    frame = next(iterator)
+                except StopIteration:
+                    break
+                self.stats.add("decode", time.perf_counter() - t0)
+                self.stats.frames_read += 1
+                self.frames_q.put(frame, self.stop)
+                self.stats.dropped_frames = self.frames_q.dropped  # live, for a service's metrics
+        finally:
+            self.stats.dropped_frames = self.frames_q.dropped
+            if self.owned:
+                self.src.close()
+
+    def analyze(self) -> None:
+        """Detect, align and associate each frame, in order."""
+        while True:
+            frame = self.frames_q.get(self.stop)
+            if frame is _END or frame is None:
+                break
+            self.pending_q.put(self.pipeline._analyze(frame, self.keep_images), self.stop)
+
+    def recognize(self) -> None:
+        """Recognise analysed frames, batched across the frames already waiting (up to batch_size crops)."""
+        done = False
+        while not done:
+            first = self.pending_q.get(self.stop)
+            if first is _END or first is None:
+                break
+            batch, crops = [first], len(first.faces)
+            while crops < self.pipeline.config.batch_size:
+                nxt = self.pending_q.get(self.stop, block=False)
+                if nxt is None:
+                    break
+                if nxt is _END:
+                    done = True
+                    break
+                batch.append(nxt)
+                crops += len(nxt.faces)
+            for result in self.pipeline._recognize(batch):
+                self.results_q.put(result, self.stop)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def results(self) -> Iterator[FrameResult]:
+        """The recognised frames, in order, until the last stage ends; then a stage's exception, if any."""
+        while True:
+            item = self.results_q.get(self.stop)
+            if item is _END or item is None:
+                break
+            yield item
+        if self.errors:
+            raise self.errors[0]
+
+    def shut_down(self) -> None:
+        self.stop.set()
+        self.src.stop()
+        # Analysis and recognition finish the item in hand and stop at their next queue operation;
+        # waiting for them keeps a later run (or reset()) from sharing state with them. The reader
+        # may sit in a network read: it gets a second, then is left to end with the source's timeout
+        # (closing the source meanwhile is safe: the reading thread closes the container itself).
+        self.threads[0].join(timeout=1.0)
+        for t in self.threads[1:]:
+            t.join()
+        self.stats.dropped_frames = self.frames_q.dropped
+
+
 class _Detector:
     """Full-frame YuNet passes every `detect_every` frames; in between, re-detection around live tracks."""
 
@@ -466,95 +576,13 @@ class Pipeline:
         """
         owned = not isinstance(source, Source)
         src = open_source(source) if owned else source
-        policy = self.config.drop
-        if policy == "auto":
-            policy = "drop-oldest" if src.live else "block"
-        frames_q = _BoundedQueue(self.config.queue_size, policy)
-        pending_q = _BoundedQueue(self.config.queue_size)
-        results_q = _BoundedQueue(self.config.queue_size)
-        stop = threading.Event()
-        errors: list[BaseException] = []
         start = time.perf_counter()
-
-        def guarded(body, out_q):
-            def target():
-                try:
-                    body()
-                except BaseException as exc:  # handed to the consumer, which re-raises it
-                    errors.append(exc)
-                    stop.set()
-                finally:
-                    out_q.put(_END, stop, force=True)
-            return target
-
-        def read():
-            try:
-                iterator = iter(src)
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        frame = next(iterator)
-                    except StopIteration:
-                        break
-                    self.stats.add("decode", time.perf_counter() - t0)
-                    self.stats.frames_read += 1
-                    frames_q.put(frame, stop)
-                    self.stats.dropped_frames = frames_q.dropped  # live, for a service's metrics
-            finally:
-                self.stats.dropped_frames = frames_q.dropped
-                if owned:
-                    src.close()
-
-        def analyze():
-            while True:
-                frame = frames_q.get(stop)
-                if frame is _END or frame is None:
-                    break
-                pending_q.put(self._analyze(frame, keep_images), stop)
-
-        def recognize():
-            done = False
-            while not done:
-                first = pending_q.get(stop)
-                if first is _END or first is None:
-                    break
-                batch, crops = [first], len(first.faces)
-                while crops < self.config.batch_size:  # batch across frames already waiting
-                    nxt = pending_q.get(stop, block=False)
-                    if nxt is None:
-                        break
-                    if nxt is _END:
-                        done = True
-                        break
-                    batch.append(nxt)
-                    crops += len(nxt.faces)
-                for result in self._recognize(batch):
-                    results_q.put(result, stop)
-
-        threads = [threading.Thread(target=guarded(read, frames_q), name="petal-decode", daemon=True),
-                   threading.Thread(target=guarded(analyze, pending_q), name="petal-analyze", daemon=True),
-                   threading.Thread(target=guarded(recognize, results_q), name="petal-recognize", daemon=True)]
-        for t in threads:
-            t.start()
+        stages = _Stages(self, src, owned, keep_images)
+        stages.start()
         try:
-            while True:
-                item = results_q.get(stop)
-                if item is _END or item is None:
-                    break
-                yield item
-            if errors:
-                raise errors[0]
+            yield from stages.results()
         finally:
-            stop.set()
-            src.stop()
-            # Analysis and recognition finish the item in hand and stop at their next queue operation;
-            # waiting for them keeps a later run (or reset()) from sharing state with them. The reader
-            # may sit in a network read: it gets a second, then is left to end with the source's timeout
-            # (closing the source meanwhile is safe: the reading thread closes the container itself).
-            threads[0].join(timeout=1.0)
-            for t in threads[1:]:
-                t.join()
-            self.stats.dropped_frames = frames_q.dropped
+            stages.shut_down()
             self.stats.wall_seconds += time.perf_counter() - start
 
     def tracks(self, min_frames: int = 1) -> list[TrackSummary]:
