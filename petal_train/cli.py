@@ -59,3 +59,7 @@ def release(checkpoint: str, out: str, adapter_scale: float, high_branch_scale: 
 
 
 main = exit_on_user_error(cli)
+
+
+if __name__ == "__main__":  # torchrun ... -m petal_train.cli fit ... (torchrun runs a module, not a console script)
+    main()
