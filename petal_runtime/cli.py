@@ -213,6 +213,179 @@ def _models_dir_from_gallery(gallery: Path) -> Path | None:
     return Path(folder) if isinstance(folder, str) and folder and Path(folder).is_dir() else None
 
 
+def _run_outputs(video, gallery_path: Path, json_out: Path | None, annotate_out: Path | None,
+                 no_frames: bool) -> tuple[Path, Path | None]:
+    """The report's path and the per-frame log's (None with --no-frames), checked before any work."""
+    from .gallery import meta_path
+
+    json_out = json_out or Path(f"{Path(str(video)).name}.petal.json")
+    frames_out = None if no_frames else frames_path(json_out)
+    local_video = Path(str(video)) if Path(str(video)).exists() else None
+    _check_outputs({"input video": local_video, "gallery": gallery_path, "gallery's .json": meta_path(gallery_path)},
+                   {"--json": json_out, "--annotate": annotate_out, "per-frame log": frames_out})
+    return json_out, frames_out
+
+
+class _Run:
+    """One petal-run: what it has opened so far, and the report that is written whatever happens."""
+
+    def __init__(self, video, gallery_path: Path) -> None:
+        self.video = video
+        self.report: dict = {"source": str(video), "status": "error", "error": None, "models": None,
+                             "gallery": str(gallery_path), "tracks": [], "frames": [], "stats": {},
+                             "source_stats": {}}
+        self.pipeline = None
+        self.source = None
+        self.writer = None
+        self.frames = _FramesLog(None)
+        self.bar = None
+        self.exit_code = 0
+        self.started = time.perf_counter()
+
+    def _warn(self, message: str) -> None:
+        click.echo(f"warning: {message}", err=True)
+        self.report.setdefault("warnings", []).append(message)
+
+    def open_pipeline(self, models_dir: Path | None, gallery_path: Path, backend: str, triton_url: str | None,
+                      config: PipelineConfig, threads: int | None, precision: str | None,
+                      calibration_path: Path | None) -> None:
+        """Load the models and the gallery; the pipeline's warnings are shown and kept in the report."""
+        import warnings
+
+        from .openset import PetalWarning
+        from .pipeline import Pipeline
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PetalWarning)
+            self.pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config,
+                                              threads=threads, precision=precision, calibration=calibration_path,
+                                              url=triton_url)
+        for warning in caught:
+            if issubclass(warning.category, PetalWarning):
+                self._warn(str(warning.message))
+            else:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        models = self.pipeline.models
+        self.report["models"] = {"dir": str(models_dir) if models_dir is not None else None,
+                                 **({"url": triton_url} if triton_url is not None else {}),
+                                 "backend": models.backend.name,
+                                 "runs_on": models.description(), **models.fingerprint.to_dict(),
+                                 "iqa_threshold": models.manifest.iqa_threshold,
+                                 "precision": precision or models.manifest.precision,
+                                 "contract_version": models.manifest.contract_version}
+        self.report["gallery"] = {"path": str(gallery_path), "identities": len(self.pipeline.gallery)}
+        if len(self.pipeline.gallery) == 0:
+            self._warn(f"the gallery {gallery_path} holds no identities: every face will be unknown")
+        self.report["open_set"] = self.pipeline.open_set.describe()
+
+    def open_source(self, max_frames: int | None, frames_out: Path | None, annotate_out: Path | None,
+                    progress: bool | None) -> None:
+        """Open the source, then what the frames go to: the per-frame log, the video writer, the progress line."""
+        from .sources import open_source
+
+        self.source = open_source(self.video)
+        self.source.limit = max_frames
+        self.report["source_info"] = self.source.describe()
+        self.frames = _FramesLog(frames_out)
+        self.report["frames_file"] = str(frames_out) if frames_out else None
+        if annotate_out is not None:
+            from .annotate import VideoWriter
+
+            self.writer = VideoWriter(annotate_out, self.source.fps)
+        show = progress if progress is not None else sys.stderr.isatty()
+        self.bar = _Progress(self.source.total_frames, show)
+
+    def process(self) -> None:
+        """Every frame through the pipeline, each result to the log (and the annotated video) as it comes."""
+        pipeline, writer = self.pipeline, self.writer
+        draw = None
+        if writer is not None:
+            from .annotate import draw_faces as draw
+        for result in pipeline.run(self.source, keep_images=writer is not None):
+            self.frames.write(result.to_dict())
+            if writer is not None:
+                writer.write(draw(result.image, result.faces, result.index))
+            self.bar.update(pipeline.stats.frames, len(pipeline.tracker.tracks))
+        self.report["status"] = "complete"
+
+    def interrupted(self, exc: BaseException) -> None:
+        self.report["status"] = "interrupted"
+        self.exit_code = interrupt_exit_code(exc)
+
+    def failed(self, exc: PetalError) -> None:
+        """A user-facing error: partial (exit 1) after some frames, else error with the error's own exit code."""
+        self.report["error"] = str(exc)
+        processed = self.pipeline.stats.frames if self.pipeline is not None else 0
+        self.report["status"] = "partial" if processed else "error"
+        self.exit_code = 1 if processed else exc.exit_code
+
+    def close(self, json_out: Path, min_track_frames: int) -> str | None:
+        """Close what was opened, fill in the tracks and stats, write the report. Returns the error
+        message when the source ended without a single decoded frame (status error), else None."""
+        report, pipeline = self.report, self.pipeline
+        if self.bar is not None:
+            self.bar.finish(len(pipeline.tracker.tracks) if pipeline is not None else 0)
+        if self.source is not None:
+            self.source.close()
+            report["source_stats"] = self.source.stats.to_dict()
+        if self.writer is not None:
+            try:
+                written = self.writer.close()
+                report["annotated_video"] = str(written) if written else None
+            except Exception as exc:  # the report must still be written
+                report["annotated_video_error"] = str(exc)
+        self.frames.close()
+        canonical = None
+        if pipeline is not None:
+            canonical = pipeline.canonical
+            tracks = [t.to_dict() for t in pipeline.tracks(min_frames=min_track_frames)]
+            report["tracks"] = tracks
+            report["stats"] = {**pipeline.stats.to_dict(),
+                               "short_tracks_left_out": len(pipeline.tracks()) - len(tracks)}
+            pipeline.close()
+        report["elapsed_seconds"] = round(time.perf_counter() - self.started, 3)
+        nothing = None
+        if report["status"] == "complete" and not report["stats"].get("frames"):
+            detail = "; ".join((report.get("source_stats") or {}).get("errors", [])[:2])
+            nothing = f"no frame could be decoded from {self.video}" + (f" ({detail})" if detail else "")
+            report["status"], report["error"] = "error", nothing
+        _write_report(json_out, report, self.frames.frames(canonical))
+        return nothing
+
+
+def _print_run_summary(report: dict, json_out: Path) -> None:
+    """The track table and totals (stdout); damaged input, dropped frames and where the results are (stderr)."""
+    if report["status"] in ("complete", "interrupted", "partial") and report.get("models"):
+        click.echo(_track_table(report["tracks"]))
+        stats = report["stats"]
+        click.echo(f"{stats.get('frames', 0)} frames, {stats.get('faces', 0)} faces, recognizer on "
+                   f"{stats.get('recognized', 0)} ({100 * stats.get('selection_saving', 0):.0f}% saved by "
+                   f"quality-aware selection), {stats.get('fps', 0):.1f} fps on {report['models']['runs_on']}")
+    src = report.get("source_stats") or {}
+    if src.get("broken_packets") or src.get("corrupt_frames") or src.get("unreadable_images"):
+        click.echo(f"warning: {src.get('broken_packets', 0)} broken packets and {src.get('corrupt_frames', 0)} damaged "
+                   f"frames skipped or decoded past" + (f", {src['unreadable_images']} unreadable images"
+                                                        if src.get("unreadable_images") else ""), err=True)
+    if report.get("stats", {}).get("dropped_frames"):
+        click.echo(f"warning: {report['stats']['dropped_frames']} frames dropped (the pipeline fell behind)", err=True)
+    click.echo(f"results: {json_out}" + (f", annotated video: {report['annotated_video']}"
+                                          if report.get("annotated_video") else ""), err=True)
+
+
+def _exit_run(report: dict, exit_code: int, nothing: str | None) -> None:
+    """Exit as the module docstring says: 0 returns; 1, 2, 130 and 143 leave here."""
+    if nothing:
+        raise PetalError(nothing)
+    if exit_code in (130, 143):
+        click.echo("interrupted", err=True)
+        sys.exit(exit_code)  # click would turn a re-raised KeyboardInterrupt into "Aborted!" and 1
+    if exit_code:
+        if exit_code == 1:
+            click.echo(f"error: {report['error']} (after {report['stats'].get('frames', 0)} frames)", err=True)
+            sys.exit(1)
+        raise PetalError(report["error"])
+
+
 # ----------------------------------------------------------------------------- petal-run
 
 
@@ -263,146 +436,34 @@ def run_cli(video, gallery_path, models_dir, json_out, annotate_out, backend, tr
             calibration_path, top_k, min_face, detect_every, selection, per_track, min_track_frames, drop, precision,
             threads, max_frames, no_frames, progress):
     """Find who is in VIDEO: a video file, a folder of images, an rtsp://, http:// URL or camera:N."""
-    import warnings
-
-    from .openset import PetalWarning, check_far
-    from .pipeline import Pipeline
-    from .sources import open_source
+    from .openset import check_far
 
     if far is not None:
         check_far(far)
     if far is not None and threshold is not None:
         raise PetalError("give either --far (a false-alarm target) or --threshold (a fixed cosine), not both")
     _quiet_opencv()
-    json_out = json_out or Path(f"{Path(str(video)).name}.petal.json")
-    frames_out = None if no_frames else frames_path(json_out)
-    from .gallery import meta_path
-
-    local_video = Path(str(video)) if Path(str(video)).exists() else None
-    _check_outputs({"input video": local_video, "gallery": gallery_path, "gallery's .json": meta_path(gallery_path)},
-                   {"--json": json_out, "--annotate": annotate_out, "per-frame log": frames_out})
-    report: dict = {"source": str(video), "status": "error", "error": None, "models": None,
-                    "gallery": str(gallery_path), "tracks": [], "frames": [], "stats": {}, "source_stats": {}}
-    pipeline = None
-    source = None
-    writer = None
-    frames = _FramesLog(None)
-    exit_code = 0
-    started = time.perf_counter()
-    bar = None
+    json_out, frames_out = _run_outputs(video, gallery_path, json_out, annotate_out, no_frames)
+    run = _Run(video, gallery_path)
     try:
         models_dir = _models_dir(models_dir, gallery_path, backend, triton_url)
         config = PipelineConfig(min_face=min_face, detect_every=detect_every, far=far, open_set_threshold=threshold,
                                 top_k=top_k, selection=selection, per_track=per_track, drop=drop)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", PetalWarning)
-            pipeline = Pipeline.from_dir(models_dir, gallery_path, backend=backend, config=config, threads=threads,
-                                         precision=precision, calibration=calibration_path, url=triton_url)
-        for warning in caught:
-            if issubclass(warning.category, PetalWarning):
-                click.echo(f"warning: {warning.message}", err=True)
-                report.setdefault("warnings", []).append(str(warning.message))
-            else:
-                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-        report["models"] = {"dir": str(models_dir) if models_dir is not None else None,
-                            **({"url": triton_url} if triton_url is not None else {}),
-                            "backend": pipeline.models.backend.name,
-                            "runs_on": pipeline.models.description(), **pipeline.models.fingerprint.to_dict(),
-                            "iqa_threshold": pipeline.models.manifest.iqa_threshold,
-                            "precision": precision or pipeline.models.manifest.precision,
-                            "contract_version": pipeline.models.manifest.contract_version}
-        report["gallery"] = {"path": str(gallery_path), "identities": len(pipeline.gallery)}
-        if len(pipeline.gallery) == 0:
-            message = f"the gallery {gallery_path} holds no identities: every face will be unknown"
-            click.echo(f"warning: {message}", err=True)
-            report.setdefault("warnings", []).append(message)
-        report["open_set"] = pipeline.open_set.describe()
-        source = open_source(video)
-        source.limit = max_frames
-        report["source_info"] = source.describe()
-        frames = _FramesLog(frames_out)
-        report["frames_file"] = str(frames_out) if frames_out else None
-        if annotate_out is not None:
-            from .annotate import VideoWriter
-
-            writer = VideoWriter(annotate_out, source.fps)
-        show = progress if progress is not None else sys.stderr.isatty()
-        bar = _Progress(source.total_frames, show)
-        draw = None
-        if writer is not None:
-            from .annotate import draw_faces as draw
-        for result in pipeline.run(source, keep_images=writer is not None):
-            frames.write(result.to_dict())
-            if writer is not None:
-                writer.write(draw(result.image, result.faces, result.index))
-            bar.update(pipeline.stats.frames, len(pipeline.tracker.tracks))
-        report["status"] = "complete"
+        run.open_pipeline(models_dir, gallery_path, backend, triton_url, config, threads, precision, calibration_path)
+        run.open_source(max_frames, frames_out, annotate_out, progress)
+        run.process()
     except INTERRUPTS as exc:
-        report["status"] = "interrupted"
-        exit_code = interrupt_exit_code(exc)
+        run.interrupted(exc)
     except PetalError as exc:
-        report["error"] = str(exc)
-        processed = pipeline.stats.frames if pipeline is not None else 0
-        report["status"] = "partial" if processed else "error"
-        exit_code = 1 if processed else exc.exit_code
+        run.failed(exc)
     except Exception as exc:  # a bug: the report is still written, then the traceback shows
-        report["error"] = f"{type(exc).__name__}: {exc}"
-        report["status"] = "error"
+        run.report["error"] = f"{type(exc).__name__}: {exc}"
+        run.report["status"] = "error"
         raise
     finally:
-        if bar is not None:
-            bar.finish(len(pipeline.tracker.tracks) if pipeline is not None else 0)
-        if source is not None:
-            source.close()
-            report["source_stats"] = source.stats.to_dict()
-        if writer is not None:
-            try:
-                written = writer.close()
-                report["annotated_video"] = str(written) if written else None
-            except Exception as exc:  # the report must still be written
-                report["annotated_video_error"] = str(exc)
-        frames.close()
-        canonical = None
-        if pipeline is not None:
-            canonical = pipeline.canonical
-            tracks = [t.to_dict() for t in pipeline.tracks(min_frames=min_track_frames)]
-            report["tracks"] = tracks
-            report["stats"] = {**pipeline.stats.to_dict(),
-                               "short_tracks_left_out": len(pipeline.tracks()) - len(tracks)}
-            pipeline.close()
-        report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
-        nothing = None
-        if report["status"] == "complete" and not report["stats"].get("frames"):
-            detail = "; ".join((report.get("source_stats") or {}).get("errors", [])[:2])
-            nothing = f"no frame could be decoded from {video}" + (f" ({detail})" if detail else "")
-            report["status"], report["error"] = "error", nothing
-        _write_report(json_out, report, frames.frames(canonical))
-    processed = report["stats"].get("frames", 0)
-    if report["status"] in ("complete", "interrupted", "partial") and report.get("models"):
-        click.echo(_track_table(report["tracks"]))
-        stats = report["stats"]
-        click.echo(f"{processed} frames, {stats.get('faces', 0)} faces, recognizer on {stats.get('recognized', 0)} "
-                   f"({100 * stats.get('selection_saving', 0):.0f}% saved by quality-aware selection), "
-                   f"{stats.get('fps', 0):.1f} fps on {report['models']['runs_on']}")
-    src = report.get("source_stats") or {}
-    if src.get("broken_packets") or src.get("corrupt_frames") or src.get("unreadable_images"):
-        click.echo(f"warning: {src.get('broken_packets', 0)} broken packets and {src.get('corrupt_frames', 0)} damaged "
-                   f"frames skipped or decoded past" + (f", {src['unreadable_images']} unreadable images"
-                                                        if src.get("unreadable_images") else ""), err=True)
-    if report.get("stats", {}).get("dropped_frames"):
-        click.echo(f"warning: {report['stats']['dropped_frames']} frames dropped (the pipeline fell behind)", err=True)
-    click.echo(f"results: {json_out}" + (f", annotated video: {report['annotated_video']}"
-                                          if report.get("annotated_video") else ""), err=True)
-    if nothing:
-        raise PetalError(nothing)
-    if exit_code in (130, 143):
-        click.echo("interrupted", err=True)
-        sys.exit(exit_code)  # click would turn a re-raised KeyboardInterrupt into "Aborted!" and 1
-    if exit_code:
-        if exit_code == 1:
-            click.echo(f"error: {report['error']} (after {processed} frames)", err=True)
-            sys.exit(1)
-        raise PetalError(report["error"])
+        nothing = run.close(json_out, min_track_frames)
+    _print_run_summary(run.report, json_out)
+    _exit_run(run.report, run.exit_code, nothing)
 
 
 run_main = exit_on_user_error(run_cli)
