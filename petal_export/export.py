@@ -10,7 +10,6 @@ export leaves the output folder as it was.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -21,10 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
-from petal_runtime.contract import (ALPHA_INPUT, EMBEDDING_OUTPUT, IMAGE_INPUT, MANIFEST_FILE, QUALITY_OUTPUT,
-                                    Manifest)
+from petal_runtime.contract import MANIFEST_FILE, Manifest
 from petal_runtime.errors import PetalError
 from petal_runtime.files import atomic_path, sha256_file
 from petal_train.default import DEFAULT_CHECKPOINT_NAME, default_checkpoint_path
@@ -33,10 +30,6 @@ from .formats import FORMATS, GRAPHS, ExportFormat, selected_formats
 from .trt import DEFAULT_BATCH, check_batch
 
 VERIFY_FACES = 8
-# Graphs an INT8 set carries in float. The IQA's quality sets alpha one to one, and INT8 moved it by
-# up to 0.07 on real faces at 56 px (the retrained gate), past the verifier's 0.05; in float it costs
-# about 0.8 ms a face on the CPU, against the recognizer's tens.
-FLOAT_IN_INT8 = {"iqa": "its INT8 quality moved by up to 0.07, more than alpha tolerates; about 0.8 ms a face"}
 
 Log = Callable[[str], None]
 
@@ -264,170 +257,19 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = Fals
 def _export_all(result: ExportResult, stager: _Stager, formats: list[ExportFormat], engine_reason: str | None,
                 recognizer, scorer, faces: np.ndarray, calib_faces: np.ndarray | None, calib_dir: Path | None,
                 batch: tuple[int, int, int], log: Log) -> None:
-    from petal_runtime.backends.onnxrt import OnnxrtRunner, SessionFromOnnx
+    """Each selected row's builder, in the table's order; engines only where TensorRT can build them."""
+    from .builders import ExportJob
 
-    from . import fp16 as fp16_pass
-    from . import int8 as int8_pass
-    from .faces import degraded_copies
-    from .onnx_export import (alpha_reaches_output, check_graph, export_iqa_graph, export_recognizer_graph,
-                              save_model, set_metadata)
-    from .verify import (Comparator, TorchRunner, check_iqa, check_recognizer, iqa_cases, recognizer_cases)
-
-    manifest = result.manifest
-    size, dim = manifest.face_size, manifest.embedding_size
-    comparators: dict[str, Comparator] = {}
-
-    def comparator(graph: str) -> Comparator:
-        """The PyTorch reference for `graph`, run once, when the first file of that graph is verified."""
-        if graph not in comparators:
-            start = time.perf_counter()
-            if graph == "recognizer":
-                comparators[graph] = Comparator(
-                    graph, TorchRunner(recognizer, [IMAGE_INPUT, ALPHA_INPUT], EMBEDDING_OUTPUT),
-                    recognizer_cases(faces), EMBEDDING_OUTPUT)
-                if comparators[graph].alpha_effect() <= 1e-4:
-                    result.notes.append("this checkpoint's adapters do not change the embedding (alpha has no "
-                                        "effect yet); the graph's alpha path was checked structurally")
-            else:
-                iqa_faces = np.concatenate([faces, degraded_copies(faces)])  # scores across the quality range
-                comparators[graph] = Comparator(graph, TorchRunner(scorer, [IMAGE_INPUT], QUALITY_OUTPUT),
-                                                iqa_cases(iqa_faces), QUALITY_OUTPUT)
-            log(f"  PyTorch {graph} reference on {len(faces)} real faces in {time.perf_counter() - start:.1f} s")
-        return comparators[graph]
-
-    def metadata(precision: str) -> dict[str, str]:
-        return dataclasses.replace(manifest, precision=precision).to_metadata()
-
-    def finish(graph: str, model: onnx.ModelProto, fmt: ExportFormat) -> Path:
-        set_metadata(model, metadata(fmt.precision))
-        check_graph(model, graph, embedding_size=dim, input_size=size)
-        if graph == "recognizer" and not alpha_reaches_output(model):
-            raise PetalError(f"the exported {fmt.name} recognizer does not use its alpha input (adapters folded?)")
-        return stager.write(fmt.filename(graph), lambda tmp: save_model(model, tmp))
-
-    def verify(graph: str, path: Path, fmt: ExportFormat) -> None:
-        runner = OnnxrtRunner(SessionFromOnnx(path, ["CPUExecutionProvider"]),
-                              name=f"onnxruntime:{fmt.filename(graph)}")
-        reference = comparator(graph)
-        start = time.perf_counter()
-        comparison = reference.compare(runner, fmt.precision)
-        for line in comparison.lines():
-            log("  " + line)
-        log(f"  verified in {time.perf_counter() - start:.1f} s")
-        if graph == "recognizer":
-            check_recognizer(reference, comparison)
-        else:
-            log(f"  quality rank correlation to PyTorch: {check_iqa(reference, comparison):.4f}")
-        result.comparisons[f"{graph} {fmt.name}"] = comparison
-
-    fp32_paths: dict[str, Path] = {}
-    names = {fmt.name for fmt in formats}
-    onnx_fmt = FORMATS["onnx"]
-    for graph in GRAPHS:
-        start = time.perf_counter()
-        model = (export_recognizer_graph(recognizer, size, dim) if graph == "recognizer"
-                 else export_iqa_graph(scorer, size))
-        log(f"traced {graph} to ONNX opset {model.opset_import[0].version} in {time.perf_counter() - start:.1f} s")
-        fp32_paths[graph] = finish(graph, model, onnx_fmt)
-        verify(graph, fp32_paths[graph], onnx_fmt)
-
-    if "onnx-fp16" in names:
-        fmt = FORMATS["onnx-fp16"]
-        for graph in GRAPHS:
-            model, report = fp16_pass.convert_to_fp16(onnx.load(str(fp32_paths[graph])))
-            log(f"  {graph} FP16: {report}")
-            verify(graph, finish(graph, model, fmt), fmt)
-
-    calib_feeds: dict[str, list] = {}
-    if calib_faces is not None:
-        calib_set = np.concatenate([calib_faces, degraded_copies(calib_faces, seed=1)])
-        calib_feeds = {"recognizer": int8_pass.calibration_feeds(calib_set, with_alpha=True),
-                       "iqa": int8_pass.calibration_feeds(calib_set, with_alpha=False)}
-        log(f"  calibration: {len(calib_faces)} real faces from {calib_dir} and a degraded copy of each")
-    # (format, what the log calls it, quantiser, checked for TensorRT's Q/DQ rules)
-    int8_passes = (("onnx-int8", "INT8", int8_pass.quantize_int8, False),
-                   ("onnx-int8-qdq", "INT8 Q/DQ for TensorRT", int8_pass.quantize_int8_qdq, True))
-    for name, label, quantize, for_tensorrt in int8_passes:
-        if name not in names:
-            continue
-        fmt = FORMATS[name]
-        for graph in GRAPHS:
-            if graph in FLOAT_IN_INT8:
-                log(f"  {graph} {label}: kept in float ({FLOAT_IN_INT8[graph]})")
-                model = onnx.load(str(fp32_paths[graph]))
-            else:
-                start = time.perf_counter()
-                with tempfile.TemporaryDirectory(prefix="petal-int8-") as work:
-                    quantized = Path(work) / "model.onnx"
-                    quantize(fp32_paths[graph], quantized, calib_feeds[graph])
-                    model = onnx.load(str(quantized))
-                problems = int8_pass.qdq_violations(model) if for_tensorrt else []
-                if problems:
-                    raise PetalError(f"the {graph} Q/DQ graph is not what TensorRT accepts: {problems[0]}")
-                log(f"  {graph} {label}: calibrated and quantised in {time.perf_counter() - start:.1f} s")
-            verify(graph, finish(graph, model, fmt), fmt)
-
-    engine_formats = [f for f in formats if f.is_engine]
-    if engine_formats and engine_reason:
-        result.notes.append(f"{', '.join(f.name for f in engine_formats)} not built: TensorRT engines need TensorRT "
+    job = ExportJob(result, stager, formats, recognizer, scorer, faces, calib_faces, calib_dir, batch, log)
+    unbuilt = [f for f in formats if f.is_engine] if engine_reason else []
+    for fmt in formats:
+        if fmt not in unbuilt:
+            fmt.builder(job, fmt)
+    if unbuilt:
+        result.notes.append(f"{', '.join(f.name for f in unbuilt)} not built: TensorRT engines need TensorRT "
                             f"10.x or 11.x and a CUDA GPU, and here {engine_reason}. The ONNX files are complete "
                             "and verified; run the same petal-export command on the target GPU machine to build "
                             "the engines")
-    elif engine_formats:
-        sources = {fmt.name: {graph: stager.files[fmt.filename(graph)] for graph in GRAPHS}
-                   for fmt in formats if not fmt.is_engine}
-        _build_engines(result, stager, engine_formats, sources, {g: comparator(g) for g in GRAPHS}, batch, log)
-
-
-def _build_engines(result: ExportResult, stager: _Stager, engine_formats: list[ExportFormat],
-                   sources: dict[str, dict[str, Path]], comparators: dict, batch: tuple[int, int, int],
-                   log: Log) -> None:
-    """Build each engine from the ONNX file petal_export.trt.build_plan names for the TensorRT here
-    (`sources`: format name -> graph -> the staged, verified file), run it through the runtime's
-    TrtRunner and compare it with PyTorch like the ONNX files."""
-    from petal_runtime.backends.trt import EngineFromFile, TrtRunner, get_memory, import_tensorrt
-
-    from .fp16 import fp32_island_nodes
-    from .trt import EngineRequest, build_engine, build_plan, iqa_profile, recognizer_profile
-    from .verify import check_iqa, check_recognizer
-
-    manifest = result.manifest
-    version = str(import_tensorrt().__version__)
-    memory = get_memory()
-    try:
-        for fmt in engine_formats:
-            plan = build_plan(fmt.precision, version)
-            if plan.source_format not in sources:
-                raise PetalError(f"{fmt.name} on TensorRT {version} is built from {plan.source_format}, "
-                                 "which this export did not write")
-            for graph in GRAPHS:
-                onnx_path = sources[plan.source_format][graph]
-                profile = (recognizer_profile(batch, manifest.face_size) if graph == "recognizer"
-                           else iqa_profile(batch, manifest.face_size))
-                fp32_layers = (frozenset(fp32_island_nodes(onnx.load(str(onnx_path), load_external_data=False)))
-                               if plan.typing == "weak" else frozenset())
-                request = EngineRequest(
-                    graph, onnx_path, sha256_file(onnx_path), fmt.precision, profile, fp32_layers=fp32_layers,
-                    extra={"contract_version": manifest.contract_version,
-                           "checkpoint_sha256": manifest.checkpoint_sha256,
-                           "source_format": plan.source_format,
-                           "onnx_file": FORMATS[plan.source_format].filename(graph),  # not the staged name
-                           **({"rebuild": result.rebuild_command} if result.rebuild_command else {})})
-                name = fmt.filename(graph)
-
-                def write_engine(tmp: Path, request=request, name=name) -> None:
-                    result.engines[name] = build_engine(request, tmp, memory, log)
-
-                path = stager.write(name, write_engine)
-                runner = TrtRunner(EngineFromFile(path), memory=memory, name=f"tensorrt:{name}")
-                comparison = comparators[graph].compare(runner, fmt.precision)
-                for line in comparison.lines():
-                    log("  " + line)
-                (check_recognizer if graph == "recognizer" else check_iqa)(comparators[graph], comparison)
-                result.comparisons[f"{graph} {fmt.name}"] = comparison
-        manifest.library_versions["tensorrt"] = version
-    finally:
-        memory.close()
 
 
 def _remove_stale(out: Path, written: set[str], log: Log) -> None:

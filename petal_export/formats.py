@@ -1,4 +1,5 @@
-"""THE table of export formats: file suffix, whether a GPU is needed, which options each accepts.
+"""THE table of export formats: file suffix, whether a GPU is needed, which options each accepts, and
+the builder that writes it (petal_export.builders; the exporter runs the selected rows' builders in order).
 
 Every export writes the FP32 ONNX graphs (`onnx`); `--fp16` adds `onnx-fp16` and `trt-fp16`,
 `--int8` adds `onnx-int8` (for ONNX Runtime on the CPU), `onnx-int8-qdq` (TensorRT's explicit
@@ -14,18 +15,19 @@ Beside the files of the models folder, an export can write a model repository fo
 (`--triton DIR`, petal_export.triton), made from the verified files once they are in place. It is a row
 of the same kind (name, GPU, options), in REPOSITORIES.
 
-This module imports neither torch nor onnx.
+This module imports neither torch nor onnx (nor do the builders, until one runs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
+from petal_runtime.backends import GRAPHS
 from petal_runtime.backends.trt.loader import ENGINE_SUFFIX
 from petal_runtime.contract import IQA_FILE, RECOGNIZER_FILE
 from petal_runtime.errors import PetalError
 
-GRAPHS = ("recognizer", "iqa")
+from . import builders
 
 # Format-specific options and the command-line flags that set them.
 OPTION_FLAGS = {"calib": "--calib", "batch": "--batch", "require_engine": "--require-engine",
@@ -40,6 +42,8 @@ class ExportFormat:
     needs_gpu: bool
     options: frozenset[str]  # format-specific options this format accepts
     summary: str
+    # builder(job, row): writes and verifies this format's file of each graph (petal_export.builders)
+    builder: Callable[[builders.ExportJob, ExportFormat], None] = field(repr=False, compare=False)
 
     @property
     def is_engine(self) -> bool:
@@ -53,17 +57,20 @@ class ExportFormat:
 
 _TABLE = (
     ExportFormat("onnx", ".onnx", "fp32", False, frozenset(),
-                 "FP32 ONNX graphs, verified against PyTorch (always written)"),
+                 "FP32 ONNX graphs, verified against PyTorch (always written)", builders.build_onnx),
     ExportFormat("onnx-fp16", ".fp16.onnx", "fp16", False, frozenset(),
-                 "FP16 ONNX graphs; LayerNorm, softmax and the final normalisation stay FP32"),
+                 "FP16 ONNX graphs; LayerNorm, softmax and the final normalisation stay FP32",
+                 builders.build_onnx_fp16),
     ExportFormat("onnx-int8", ".int8.onnx", "int8", False, frozenset({"calib"}),
-                 "INT8 QDQ for ONNX Runtime on the CPU (asymmetric activations: more accurate there)"),
+                 "INT8 QDQ for ONNX Runtime on the CPU (asymmetric activations: more accurate there)",
+                 builders.build_onnx_int8),
     ExportFormat("onnx-int8-qdq", ".qdq.onnx", "int8", False, frozenset({"calib"}),
-                 "INT8 Q/DQ for TensorRT (symmetric, per-channel weights): the trt-int8 source"),
+                 "INT8 Q/DQ for TensorRT (symmetric, per-channel weights): the trt-int8 source",
+                 builders.build_onnx_int8_qdq),
     ExportFormat("trt-fp16", ".fp16" + ENGINE_SUFFIX, "fp16", True, frozenset({"batch", "require_engine"}),
-                 "TensorRT 10/11 FP16 engines, strongly typed from onnx-fp16; PETAL header"),
+                 "TensorRT 10/11 FP16 engines, strongly typed from onnx-fp16; PETAL header", builders.build_trt),
     ExportFormat("trt-int8", ".int8" + ENGINE_SUFFIX, "int8", True, frozenset({"batch", "calib", "require_engine"}),
-                 "TensorRT 10/11 INT8 engines, strongly typed from onnx-int8-qdq; PETAL header"),
+                 "TensorRT 10/11 INT8 engines, strongly typed from onnx-int8-qdq; PETAL header", builders.build_trt),
 )
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in _TABLE}
 

@@ -1,7 +1,7 @@
 """INT8 choices that keep `petal-export default --int8` honest (issue 11, defect 8).
 
 The retrained IQA quantised to INT8 moved quality scores by up to 0.07 on real faces at 56 px, past the
-verifier's 0.05, so INT8 sets carry the IQA in float (petal_export.export.FLOAT_IN_INT8; checked on a
+verifier's 0.05, so INT8 sets carry the IQA in float (petal_export.builders.FLOAT_IN_INT8; checked on a
 real export in tests/test_export_onnx.py::test_int8_cosine); the recognizer's first convolution stays
 in float too (below)."""
 from __future__ import annotations

@@ -293,7 +293,8 @@ def test_engines_unavailable(fake, monkeypatch):
 
 @pytest.mark.parametrize("version", ALL, ids=ALL_IDS)
 def test_exporter_engine_step(fake, petal_home, tmp_path, graphs, version):
-    from petal_export.export import ExportResult, _build_engines, _Stager
+    from petal_export.builders import build_engines
+    from petal_export.export import ExportResult, _Stager
     from petal_export.formats import FORMATS
     from petal_export.verify import Comparator, TorchRunner, iqa_cases, recognizer_cases
     from petal_runtime.contract import Manifest
@@ -313,8 +314,8 @@ def test_exporter_engine_step(fake, petal_home, tmp_path, graphs, version):
     result = ExportResult(manifest, out, rebuild_command="petal-export ckpt.pt --fp16 --int8 --out out")
     with contextlib.ExitStack() as stack:
         stager = _Stager(stack, out, lambda _: None)
-        _build_engines(result, stager, [FORMATS["trt-fp16"], FORMATS["trt-int8"]], graphs["sources"], comparators,
-                       (1, 4, 8), lambda _: None)
+        build_engines(result, stager, [FORMATS["trt-fp16"], FORMATS["trt-int8"]], graphs["sources"], comparators,
+                      (1, 4, 8), lambda _: None)
         assert all(p.name.startswith(".") for p in out.iterdir())  # staged, not yet kept
     assert sorted(p.name for p in out.iterdir()) == ["iqa.fp16.engine", "iqa.int8.engine", "recognizer.fp16.engine",
                                                       "recognizer.int8.engine"]
