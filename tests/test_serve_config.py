@@ -48,7 +48,11 @@ def test_defaults_are_defined_once(files):
 
 @pytest.mark.parametrize("text, message", [
     (BASE + "[http]\nprot = 80\n", "unknown key 'prot' in [http]"),
-    (BASE.replace("[[source]]", "[sinks.mqtt]\nhost = 'x'\n[[source]]"), "unknown key 'mqtt' in [sinks]"),
+    (BASE.replace("[[source]]", "[sinks.kafka]\nhost = 'x'\n[[source]]"), "unknown key 'kafka' in [sinks]"),
+    (BASE.replace("[[source]]", "[sinks.mqtt]\nhost = 'x'\nqos = 3\n[[source]]"), "qos must be 0, 1 or 2"),
+    (BASE.replace("[[source]]", "[sinks.mqtt]\ntopic = 'petal/#'\n[[source]]"), "without + or #"),
+    (BASE.replace("[[source]]", "[sinks.mqtt]\ntopic = 'petal/{camera}'\n[[source]]"),
+     "is not a template of {source} and {type}"),
     (BASE + "colour = 1\n", "unknown key 'colour' in [source.door]"),
     ("verbose = true\n" + BASE, "unknown key 'verbose' in the top level"),
     (BASE + '[[source]]\nname = "door"\nurl = "door.mp4"\n', "name 'door' is used twice"),
@@ -95,3 +99,15 @@ def test_serve_imports_no_torch():
             "assert not bad, bad\nprint('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_mqtt_sink_without_paho_is_one_line(files, monkeypatch):
+    import sys
+
+    from petal_runtime.serve.sinks import build_sinks
+
+    config = load(files, BASE.replace("[[source]]", "[sinks.mqtt]\nhost = '127.0.0.1'\n[[source]]"))
+    assert config.sinks.mqtt.topic == "petal/{source}/{type}" and config.sinks.mqtt.qos == 1
+    monkeypatch.setitem(sys.modules, "paho.mqtt.client", None)  # as if paho-mqtt were not installed
+    with pytest.raises(PetalError, match=r"needs paho-mqtt, which is not installed: pip install 'petal\[mqtt\]'"):
+        build_sinks(config.sinks)

@@ -146,14 +146,51 @@ class WebhookSink:
         _non_negative("[sinks.webhook]", self, "retries")
 
 
+TOPIC_FIELDS = ("source", "type")  # what an MQTT topic template may name
+
+
+@dataclass
+class MqttSink:
+    host: str = ""  # the broker's host name or address; "" for none (needs the mqtt extra: paho-mqtt)
+    port: int = 1883
+    topic: str = "petal/{source}/{type}"  # per event; {source} and {type} are filled in
+    qos: int = 1  # 0: at most once, 1: at least once, 2: exactly once
+    retain: bool = False
+    client_id: str = ""  # "" for a random one
+    username: str = ""
+    password: str = ""
+    keepalive_s: int = 30
+    backoff_s: float = 0.5  # wait before reconnecting, doubling up to max_backoff_s
+    max_backoff_s: float = 30.0
+    queue_size: int = 1000  # events held while the broker is away; the oldest drop beyond it
+
+    def check(self) -> None:
+        where = "[sinks.mqtt]"
+        if not 1 <= self.port <= 65535:
+            raise PetalError(f"{where} port must be 1-65535, got {self.port}")
+        if self.qos not in (0, 1, 2):
+            raise PetalError(f"{where} qos must be 0, 1 or 2, got {self.qos}")
+        _positive(where, self, "keepalive_s", "backoff_s", "max_backoff_s", "queue_size")
+        if self.backoff_s > self.max_backoff_s:
+            raise PetalError(f"{where} backoff_s must not be above max_backoff_s")
+        try:
+            topic = self.topic.format(**{name: "x" for name in TOPIC_FIELDS})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PetalError(f"{where} topic {self.topic!r} is not a template of {{source}} and {{type}} "
+                             f"({type(exc).__name__}: {exc})") from None
+        if not topic or "+" in topic or "#" in topic or "\x00" in topic:
+            raise PetalError(f"{where} topic must be a non-empty MQTT topic without + or #, got {self.topic!r}")
+
+
 @dataclass
 class SinksSection:
     stdout: StdoutSink = field(default_factory=StdoutSink)
     file: FileSink = field(default_factory=FileSink)
     webhook: WebhookSink = field(default_factory=WebhookSink)
+    mqtt: MqttSink = field(default_factory=MqttSink)
 
     def check(self) -> None:
-        for sink in (self.stdout, self.file, self.webhook):
+        for sink in (self.stdout, self.file, self.webhook, self.mqtt):
             sink.check()
 
 
@@ -368,6 +405,20 @@ gallery = "gallery.npy"           # required: petal-gallery build output; reload
 # max_backoff_s = 30.0
 # queue_size = 1000               # held while the endpoint is down; beyond it the oldest drop (counted)
 # headers = { Authorization = "Bearer ..." }
+
+[sinks.mqtt]                      # each event published as JSON (pip install 'petal[mqtt]': paho-mqtt)
+# host = "127.0.0.1"              # the broker; "" for none
+# port = 1883
+# topic = "petal/{source}/{type}" # {source} and {type} are filled in per event
+# qos = 1                         # 0 at most once, 1 at least once, 2 exactly once
+# retain = false
+# client_id = ""                  # "" for a random one
+# username = ""
+# password = ""
+# keepalive_s = 30
+# backoff_s = 0.5                 # reconnect wait, doubling up to max_backoff_s
+# max_backoff_s = 30.0
+# queue_size = 1000               # held while the broker is away; beyond it the oldest drop (counted)
 
 [[source]]
 name = "door"                     # required, unique: letters, digits, _ . -

@@ -366,7 +366,7 @@ class Service:
             for runner in self.runners:
                 runner.open()
                 runner.pipeline.swap_gallery(self.gallery_state)
-            self.sinks = build_sinks(config.sinks)
+            self.sinks = build_sinks(config.sinks, log=self.log)
             for sink in self.sinks:
                 if isinstance(sink, StreamSink) and stdout is not None:
                     sink.stream = stdout
@@ -413,6 +413,9 @@ class Service:
                 read=lambda: {(s.name,): float(s.delivered) for s in self.sinks})
         r.gauge("petal_sink_failed_total", "Events a sink gave up on after its retries", ("sink",),
                 read=lambda: {(s.name,): float(s.failed) for s in self.sinks})
+        r.gauge("petal_sink_reconnects_total", "Times a sink's connection (MQTT) was made again after a loss",
+                ("sink",),
+                read=lambda: {(s.name,): float(s.reconnects) for s in self.sinks if hasattr(s, "reconnects")})
         r.gauge("petal_gallery_identities", "Identities in the gallery in use",
                 read=lambda: {(): float(len(self.gallery_state.gallery))})
         r.gauge("petal_gallery_info", "The gallery in use (its version as a label)", ("version",),
@@ -598,8 +601,7 @@ class Service:
                             "identities": len(g.gallery), "loaded_at": round(g.loaded_at, 3),
                             "rule": "threshold" if self.config.service.threshold is not None else "far"},
                 "sources": [r.status() for r in self.runners],
-                "sinks": [{"name": s.name, "queue": s.depth, "delivered": s.delivered, "dropped": s.dropped,
-                           "failed": s.failed} for s in self.sinks]}
+                "sinks": [s.status() for s in self.sinks]}
 
     def log(self, message: str) -> None:
         if self._log is not None:

@@ -1,4 +1,4 @@
-"""Where events go: JSON lines on stdout, a size-rotated JSON-lines file, an HTTP webhook.
+"""Where events go: JSON lines on stdout, a size-rotated JSON-lines file, an HTTP webhook, an MQTT broker.
 
 Every sink has its own bounded queue and thread, so a slow or dead sink never stalls recognition or
 the other sinks: `offer()` never blocks; when the queue is full the oldest event is dropped and
@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -104,7 +105,11 @@ class Sink:
             self.finish()
 
     def finish(self) -> None:
-        """Release what the sink holds (files), after the last delivery."""
+        """Release what the sink holds (files, connections), after the last delivery."""
+
+    def status(self) -> dict:
+        return {"name": self.name, "queue": self.depth, "delivered": self.delivered, "dropped": self.dropped,
+                "failed": self.failed}
 
 
 class StreamSink(Sink):
@@ -212,8 +217,147 @@ class WebhookSink(Sink):
         return False
 
 
-def build_sinks(config) -> list[Sink]:
-    """The sinks a SinksSection asks for, not yet started."""
+def _paho():
+    """paho-mqtt's client module, or a one-line PetalError that says how to install it."""
+    try:
+        import paho.mqtt.client as mqtt
+    except ImportError:
+        raise PetalError("the MQTT sink needs paho-mqtt, which is not installed: pip install 'petal[mqtt]'") from None
+    return mqtt
+
+
+class MqttSink(Sink):
+    """Each event published as JSON to `topic` (a template: `{source}` and `{type}` are the event's) at
+    `qos`, through paho-mqtt. paho's network thread holds the connection and, when it is lost or refused,
+    reconnects with back-off doubling from `backoff_s` up to `max_backoff_s`. One event at a time is
+    handed to paho and waited for (written at qos 0, acknowledged at 1, completed at 2); an event at qos
+    1 or 2 whose acknowledgement the lost connection took is sent again once reconnected (at qos 1 the
+    subscriber may then get it twice). While the broker is away, new events queue up to `queue_size`,
+    then the oldest drop and `dropped` counts them. A host name that does not resolve is refused at
+    once; a broker that does not answer is retried, as when it goes away later."""
+
+    name = "mqtt"
+
+    def __init__(self, host: str, port: int = 1883, topic: str = "petal/{source}/{type}", qos: int = 1,
+                 retain: bool = False, client_id: str = "", username: str = "", password: str = "",
+                 keepalive_s: int = 30, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
+                 queue_size: int = 1000, log: Callable[[str], None] | None = None) -> None:
+        super().__init__(queue_size)
+        mqtt = self._mqtt = _paho()
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise PetalError(f"MQTT broker {host}:{port}: cannot resolve the host ({exc.strerror or exc})") from None
+        self.host, self.port, self.topic, self.qos, self.retain = host, port, topic, qos, retain
+        self.keepalive_s = keepalive_s
+        self.where = f"mqtt {host}:{port}"
+        if log is not None:
+            self.log = log  # type: ignore[method-assign]
+        self.connects = 0  # connections the broker accepted: the first and each reconnection
+        self.connect_failures = 0  # attempts that failed (refused, unreachable, or CONNACK refused)
+        self.connected = threading.Event()
+        self._failing = False  # one log line per outage, not one per attempt
+        self._acked: set[int] = set()  # message ids paho reports published
+        self._ack = threading.Condition()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        if username:
+            client.username_pw_set(username, password or None)
+        client.reconnect_delay_set(backoff_s, max_backoff_s)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self.client = client
+        self._looping = False
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connects - 1)
+
+    def start(self) -> "MqttSink":
+        self.client.connect_async(self.host, self.port, self.keepalive_s)
+        self.client.loop_start()  # paho's thread: connects, reconnects with back-off, sends, receives acks
+        self._looping = True
+        return super().start()
+
+    # --- paho's callbacks (its network thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.connect_failures += 1
+            self._note_failure(f"the broker refused the connection ({reason_code})")
+            return
+        self.connects += 1
+        if self._failing or self.connects > 1:
+            self.log(f"{self.where}: connected again")
+        self._failing = False
+        self.connected.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.connect_failures += 1
+        self._note_failure("cannot connect")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was and not self._closing:
+            self._note_failure(f"connection lost ({reason_code})")
+
+    def _note_failure(self, what: str) -> None:
+        if not self._failing:
+            self._failing = True
+            self.log(f"{self.where}: {what}; reconnecting with back-off, events queue up to {self.queue_size}")
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._ack:
+            self._acked.add(mid)
+            self._ack.notify_all()
+
+    # --- the sink's thread
+    def deliver(self, event: dict) -> bool:
+        mqtt = self._mqtt
+        payload = json.dumps(event, separators=(",", ":"))
+        topic = self.topic.format(source=event.get("source", ""), type=event.get("type", ""))
+        while True:
+            while not self.connected.is_set():
+                if self._stop.wait(0.05):
+                    return False
+            info = self.client.publish(topic, payload, qos=self.qos, retain=self.retain)
+            if info.rc == mqtt.MQTT_ERR_NO_CONN and self.qos == 0:
+                continue  # not sent (the connection went just now): wait for the next one
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # NO_CONN at qos 1-2: paho holds it
+                self.log(f"{self.where}: publish failed ({mqtt.error_string(info.rc)}), event dropped")
+                return False
+            if self._sent(info):
+                return True
+            if self._stop.is_set():
+                return False
+            # else a qos 0 packet the lost connection never sent: publish it again
+
+    def _sent(self, info) -> bool:
+        """Wait until paho reports `info` published: True; False when stopped, or for a qos 0 packet
+        that the lost connection dropped unsent."""
+        lost = self._mqtt.MQTT_ERR_CONN_LOST
+        with self._ack:
+            while info.mid not in self._acked:
+                if self._stop.is_set() or (self.qos == 0 and info.rc == lost):
+                    return False
+                self._ack.wait(0.05)
+            self._acked.discard(info.mid)
+            return True
+
+    def finish(self) -> None:
+        if self._looping:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self._looping = False
+
+    def status(self) -> dict:
+        return {**super().status(), "connected": self.connected.is_set(), "reconnects": self.reconnects,
+                "connect_failures": self.connect_failures}
+
+
+def build_sinks(config, log: Callable[[str], None] | None = None) -> list[Sink]:
+    """The sinks a SinksSection asks for, not yet started; `log` gets their one-line reports."""
     sinks: list[Sink] = []
     if config.stdout.enabled:
         sinks.append(StreamSink(config.stdout.queue_size))
@@ -226,5 +370,9 @@ def build_sinks(config) -> list[Sink]:
     w = config.webhook
     if w.url:
         sinks.append(WebhookSink(w.url, w.timeout_s, w.retries, w.backoff_s, w.max_backoff_s, w.queue_size,
-                                 w.headers))
+                                 w.headers, log=log))
+    m = config.mqtt
+    if m.host:
+        sinks.append(MqttSink(m.host, m.port, m.topic, m.qos, m.retain, m.client_id, m.username, m.password,
+                              m.keepalive_s, m.backoff_s, m.max_backoff_s, m.queue_size, log=log))
     return sinks
