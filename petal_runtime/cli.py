@@ -516,6 +516,7 @@ def _calibrate(models, gallery, gallery_path: Path, folders, max_faces: int, gal
     target = calibration.save(calibration_path(gallery_path))
     click.echo(f"{target}: {calibration.impostors} impostor scores of {calibration.meta['faces']} faces "
                f"({', '.join(calibration.meta['sources'])}) in {len(calibration.bins)} quality bins")
+    click.echo("scores: a face's best cosine minus its mean cosine over the gallery (the open-set statistic)")
     click.echo(f"{'quality':>13}  {'impostors':>9}  {'max score':>9}  threshold at FAR {DEFAULT_FAR:g}")
     for row in calibration.table(DEFAULT_FAR):
         low, high = row["quality"]

@@ -222,6 +222,17 @@ class Gallery:
 
         return self._cached("embeddings", build)
 
+    @property
+    def mean_embedding(self) -> np.ndarray:
+        """[D] float64, the mean of the rows (cached): a query's mean cosine over the whole gallery is one
+        dot product with it, whatever the gallery's size (the open-set rule's cohort term)."""
+        return self._cached("mean_embedding", lambda: self.embeddings.astype(np.float64).mean(axis=0)
+                            if len(self) else np.zeros(self.dim))
+
+    def cohort_scores(self, embeddings: np.ndarray) -> np.ndarray:
+        """Each query's mean cosine over every entry [M]."""
+        return _normalise(self._queries(embeddings, "queries")).astype(np.float64) @ self.mean_embedding
+
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -10,18 +10,24 @@ and the threshold follows the face's quality:
    levels (downscaled to LEVELS px faces and back, with seeded blur, noise and JPEG), scored by the
    runtime's own IQA and recognizer, and each one's impostor score is its best cosine against the
    gallery identities that are not its own (against the whole gallery when the person is not
-   enrolled). The scores are split into quality bins of equal size and stored beside the gallery
-   (`gallery.far.json`), bound to the gallery's content and models (`gallery_digest`): adding or
-   removing a person, or other models, makes the file stale, and it is refused.
-2. Thresholds (`FarCalibration.threshold`): per bin, the (1 - FAR)-quantile of its impostor
-   scores; between bin centres linear in quality, clamped beyond the outer ones. A bin with fewer
-   impostors than 1 / FAR cannot show its own FAR-quantile: it is pooled with its nearest
-   neighbours until it can, and never set below its own highest impostor score (conservative).
+   enrolled) minus its mean cosine over those same identities (cohort normalisation: a degraded face
+   scores higher against everyone, and its mean rises with its best, so much of the quality effect
+   cancels; the mean is one dot product with the gallery's mean row, so it costs nothing and works
+   with the ANN index; benchmarks/openset_rule.py measures it against the raw cosine). The scores
+   are split into quality bins of equal size and stored beside the gallery (`gallery.far.json`),
+   bound to the gallery's content and models (`gallery_digest`): adding or removing a person, or
+   other models, makes the file stale, and it is refused.
+2. Thresholds (`FarCalibration.threshold`): per bin, the (1 - FAR)-quantile of its impostor scores;
+   between bin centres linear in quality, clamped beyond the outer ones. A bin with fewer impostors
+   than 1 / FAR cannot show its own FAR-quantile: it is pooled with its nearest neighbours until it
+   can, and never set below its own highest impostor score (conservative).
 3. Decisions (`OpenSetRule.decide`): a track's evidence is its kept crops; each crop's cosine to
    each identity is averaged with the crops' quality weights, the best identity wins if its mean
-   reaches the threshold at the track's effective quality (the same weighted mean of the crops'
-   qualities). `threshold=` (petal-run --threshold) overrides the calibrated rule with one cosine;
-   the FAR such a decision was made at is then read off the calibration when there is one.
+   minus the track's mean cosine over the gallery (with the same weights) reaches the calibrated value at
+   the track's effective quality (the same weighted mean of the crops' qualities). Decisions report
+   that as a cosine threshold for this track (calibrated value + its gallery mean). `threshold=`
+   (petal-run --threshold) overrides the calibrated rule with one cosine; the FAR such a decision
+   was made at is then read off the calibration when there is one.
 
 No torch here: the degradations are OpenCV and numpy.
 """
@@ -45,7 +51,8 @@ from .files import atomic_write_text, read_json
 
 DEFAULT_FAR = 0.01
 FALLBACK_THRESHOLD = 0.3  # the cosine used when nothing was asked for and the gallery is not calibrated
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: the statistic is best cosine minus the mean cosine over the gallery (1: raw cosine)
+STATISTIC = "best cosine minus mean cosine over the gallery"
 CALIBRATION_SUFFIX = ".far.json"
 # Face widths (frame pixels) calibration faces are reduced to; None keeps the aligned crop as is.
 LEVELS: tuple[int | None, ...] = (None, 64, 40, 32, 24, 20, 16, 12)
@@ -129,7 +136,7 @@ class QualityBin:
     low: float  # quality range of the calibration faces in this bin
     high: float
     centre: float  # their median quality
-    scores: np.ndarray  # impostor scores, highest first
+    scores: np.ndarray  # impostor statistics (best minus gallery mean), highest first
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -196,7 +203,8 @@ class FarCalibration:
         return out
 
     def threshold(self, quality, far: float = DEFAULT_FAR):
-        """The cosine a face (or track) of this IQA quality must reach at this FAR; arrays work too."""
+        """How far above its mean cosine over the gallery a face (or track) of this IQA quality must
+        score at this FAR; arrays work too."""
         per_bin = self.bin_thresholds(far)
         centres = [b.centre for b in self.bins]
         values = [t for t, _ in per_bin]
@@ -204,7 +212,7 @@ class FarCalibration:
         return float(out) if np.ndim(out) == 0 else out
 
     def far_at(self, quality: float, threshold: float) -> float:
-        """The calibrated share of impostors of this quality that reach `threshold` (an estimate)."""
+        """The calibrated share of impostors of this quality whose statistic reaches `threshold` (an estimate)."""
         rates = [float(np.mean(b.scores >= threshold)) for b in self.bins]
         return float(np.interp(float(quality), [b.centre for b in self.bins], rates))
 
@@ -220,7 +228,7 @@ class FarCalibration:
 
     # --- persistence
     def to_dict(self) -> dict:
-        return {**self.meta, "format": CALIBRATION_FORMAT, "impostors": self.impostors,
+        return {**self.meta, "format": CALIBRATION_FORMAT, "statistic": STATISTIC, "impostors": self.impostors,
                 "bins": [{"low": round(b.low, 6), "high": round(b.high, 6), "centre": round(b.centre, 6),
                           "scores": [round(float(s), 5) for s in b.scores]} for b in self.bins]}
 
@@ -248,7 +256,7 @@ class FarCalibration:
         if not bins or any(len(b) == 0 for b in bins) or any(
                 not np.all(np.isfinite(b.scores)) for b in bins):
             raise PetalError(f"{path} holds an empty or damaged quality bin; rebuild it with: {rebuild}")
-        meta = {k: v for k, v in data.items() if k not in ("bins", "format", "impostors")}
+        meta = {k: v for k, v in data.items() if k not in ("bins", "format", "impostors", "statistic")}
         calibration = cls(bins, meta, path)
         if gallery is not None:
             calibration.check(gallery, rebuild)
@@ -271,14 +279,19 @@ class FarCalibration:
 
 def impostor_scores(gallery, embeddings: np.ndarray, identities: Sequence[str | None]) -> np.ndarray:
     """Each embedding's best cosine to a gallery identity that is not its own (None: not enrolled,
-    so against the whole gallery). NaN where the gallery holds nobody else."""
-    scores = gallery.scores(embeddings)
+    so against the whole gallery), minus its mean cosine over those same identities: an enrolled
+    face stands in for a stranger, so its own identity is left out of both. NaN where the gallery
+    holds nobody else."""
+    scores = gallery.scores(embeddings).astype(np.float64)
     names = np.array(gallery.names)
+    others = np.ones(scores.shape, bool)
     for row, identity in enumerate(identities):
         if identity is not None:
-            scores[row, names == identity] = -np.inf
-    best = scores.max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf)
-    return np.where(np.isfinite(best), best, np.nan)
+            others[row] = names != identity
+    count = others.sum(axis=1)
+    cohort = np.where(others, scores, 0.0).sum(axis=1) / np.maximum(count, 1)
+    best = np.where(others, scores, -np.inf).max(axis=1) if scores.shape[1] else np.full(len(scores), -np.inf)
+    return np.where(np.isfinite(best) & (count > 0), best - cohort, np.nan)
 
 
 @dataclass
@@ -438,13 +451,15 @@ class Decision:
     """How one open-set decision was made: at which FAR and cosine threshold, for what quality."""
 
     rule: str  # "far": the calibrated threshold for the FAR target; "threshold": a fixed cosine
-    threshold: float
+    threshold: float  # the cosine the best identity had to reach (rule far: calibrated value + cohort)
     far: float | None  # the target (rule far), or the calibrated estimate at the fixed threshold
     quality: float  # the evidence's effective quality
+    cohort: float = 0.0  # the evidence's mean cosine over the gallery
 
     def to_dict(self) -> dict:
         return {"rule": self.rule, "far": None if self.far is None else round(float(self.far), 6),
-                "threshold": round(float(self.threshold), 4), "quality": round(float(self.quality), 4)}
+                "threshold": round(float(self.threshold), 4), "quality": round(float(self.quality), 4),
+                "cohort": round(float(self.cohort), 4)}
 
 
 @dataclass
@@ -486,17 +501,18 @@ class OpenSetRule:
                          f"{FALLBACK_THRESHOLD} at an unknown false-alarm rate; make one with: "
                          f"{calibrate_command(gallery_path)}")
 
-    def threshold_at(self, quality: float) -> float:
+    def threshold_at(self, quality: float, cohort: float = 0.0) -> float:
+        """The cosine evidence of this quality and gallery mean (`cohort`) must reach."""
         if self.fixed is not None:
             return self.fixed
-        return float(self.calibration.threshold(quality, self.far))
+        return float(self.calibration.threshold(quality, self.far)) + float(cohort)
 
-    def decision_at(self, quality: float) -> Decision:
-        threshold = self.threshold_at(quality)
+    def decision_at(self, quality: float, cohort: float = 0.0) -> Decision:
+        threshold = self.threshold_at(quality, cohort)
         if self.rule == "far":
-            return Decision("far", threshold, self.far, quality)
-        far = self.calibration.far_at(quality, threshold) if self.calibration is not None else None
-        return Decision("threshold", threshold, far, quality)
+            return Decision("far", threshold, self.far, quality, cohort)
+        far = self.calibration.far_at(quality, threshold - cohort) if self.calibration is not None else None
+        return Decision("threshold", threshold, far, quality, cohort)
 
     def describe(self) -> dict:
         out = {"rule": self.rule, "far": self.far, "threshold": self.fixed,
@@ -521,9 +537,9 @@ class OpenSetRule:
         weights = np.maximum(qualities, 0.01) if weights is None else np.asarray(weights, np.float64).reshape(-1)
         weights = weights / max(float(weights.sum()), 1e-12)
         effective = float(weights @ qualities)
-        decision = self.decision_at(effective)
         if len(gallery) == 0 or len(qualities) == 0:
-            return Evidence(UNKNOWN, float("nan"), [], decision)
+            return Evidence(UNKNOWN, float("nan"), [], self.decision_at(effective))
+        decision = self.decision_at(effective, float(weights @ gallery.cohort_scores(embeddings)))
         # The quality-weighted mean cosine to each identity, top_k best: exact over the gallery (O(G), no full
         # sort), or re-scored exactly over its ANN index's candidates where the gallery was loaded with one.
         ranked = gallery.rank(embeddings, weights, top_k)

@@ -17,8 +17,9 @@ import pytest
 import runtime_support as rs
 from petal_runtime.cli import gallery_cli, run_cli
 from petal_runtime.errors import PetalError
-from petal_runtime.openset import (DEFAULT_FAR, LEVELS, MIN_PER_BIN, FarCalibration, OpenSetRule, PetalWarning,
-                                   calibration_path, degraded_levels, faces_from_folder, gallery_digest)
+from petal_runtime.openset import (CALIBRATION_FORMAT, DEFAULT_FAR, LEVELS, MIN_PER_BIN, FarCalibration,
+                                   OpenSetRule, PetalWarning, calibration_path, degraded_levels, faces_from_folder,
+                                   gallery_digest)
 from petal_runtime.pipeline import Pipeline, PipelineConfig
 
 CALIBRATION_PEOPLE = 80
@@ -157,15 +158,58 @@ def test_measured_far_on_held_out_impostors_is_near_the_target(setup, loaded):
             p.name for p in setup["calibration_faces"].iterdir())
         crops = to_model_input(degraded_levels(faces.images, LEVELS, seed=12345))
         quality = models.quality(crops)
-        scores = gallery.scores(models.embed(crops, models.alpha(quality))).max(axis=1)
+        embeddings = models.embed(crops, models.alpha(quality))
+        best = gallery.scores(embeddings).max(axis=1)
+        statistic = best - gallery.cohort_scores(embeddings)  # what decisions compare with the calibration
     measured = {}
     for far in (0.01, 0.05, 0.1):
-        measured[far] = float(np.mean(scores >= calibration.threshold(quality, far)))
-    fixed = float(np.mean(scores >= 0.3))
+        measured[far] = float(np.mean(statistic >= calibration.threshold(quality, far)))
+    fixed = float(np.mean(best >= 0.3))
+    scores = best
     print(f"held-out impostors {len(scores)}: measured FAR {measured}; fixed cosine 0.3: {fixed:.3f}")
     for far, got in measured.items():
         assert far / 5 <= got <= 1.5 * far + 0.005, measured
     assert fixed > 3 * measured[0.01]
+
+
+# ----------------------------------------------------------------------------- the decision statistic
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_decisions_compare_best_minus_gallery_mean_with_the_calibration():
+    """The statistic is the best identity's (quality-weighted) cosine minus the evidence's mean cosine
+    over the whole gallery; the decision's threshold is the calibrated value plus that mean, so
+    `score >= threshold` stays the rule a reader checks. Calibration measures strangers alike: an
+    enrolled face is a stranger to everyone else, its own identity left out of its best and its mean."""
+    from petal_runtime.gallery import Gallery, gallery_dtype
+    from petal_runtime.openset import impostor_scores
+
+    rng = np.random.default_rng(0)
+    entries = np.zeros(50, gallery_dtype(16))
+    entries["name"] = [f"p{i}" for i in range(50)]
+    entries["embedding"] = _unit(rng.normal(size=(50, 16)))
+    gallery = Gallery(entries)
+    crops = _unit(entries["embedding"][3] + rng.normal(scale=0.6, size=(3, 16)))
+    weights = np.array([0.5, 0.3, 0.2])
+    cosines = crops @ entries["embedding"].T
+    cohort = float(weights @ cosines.mean(axis=1))
+    best = float((weights @ cosines).max())
+    assert gallery.cohort_scores(crops) == pytest.approx(cosines.mean(axis=1), abs=1e-6)
+    for margin in (best - cohort - 0.01, best - cohort + 0.01):  # just below and just above the evidence
+        calibration = FarCalibration.from_scores(np.full(200, 0.5), np.full(200, margin))
+        evidence = OpenSetRule(0.01, None, calibration).decide(gallery, crops, np.full(3, 0.5), weights)
+        assert evidence.decision.cohort == pytest.approx(cohort, abs=1e-6)
+        assert evidence.decision.threshold == pytest.approx(calibration.threshold(0.5) + cohort, abs=1e-6)
+        assert evidence.score == pytest.approx(best, abs=1e-6)
+        assert evidence.identity == ("p3" if margin < best - cohort else "unknown")
+    # Impostor statistics: a stranger against everyone; p3's own face against the 49 others only.
+    stranger, own = impostor_scores(gallery, crops[:2], [None, "p3"])
+    assert stranger == pytest.approx(cosines[0].max() - cosines[0].mean(), abs=1e-6)
+    others = np.delete(cosines[1], 3)
+    assert own == pytest.approx(others.max() - others.mean(), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- petal-run and the Pipeline
@@ -190,7 +234,8 @@ def test_petal_run_decides_at_the_far_target_and_reports_it(far_run, loaded):
     for track in report["tracks"]:
         decision = track["decision"]
         assert decision["rule"] == "far" and decision["far"] == DEFAULT_FAR
-        assert decision["threshold"] == pytest.approx(calibration.threshold(decision["quality"], DEFAULT_FAR), abs=1e-4)
+        assert decision["threshold"] == pytest.approx(
+            calibration.threshold(decision["quality"], DEFAULT_FAR) + decision["cohort"], abs=2e-4)
         assert track["score"] >= decision["threshold"] and track["top_k"][0]["name"] == track["identity"]
     assert "at FAR" in result.output and "warning" not in result.output
 
@@ -203,7 +248,8 @@ def test_far_and_threshold_options_change_the_rule(setup, tmp_path, loaded):
     assert loose.exit_code == 0, loose.output
     for track in json.loads((tmp_path / "loose.json").read_text())["tracks"]:
         assert track["decision"]["far"] == 0.1
-        assert track["decision"]["threshold"] <= calibration.threshold(track["decision"]["quality"], 0.01)
+        decision = track["decision"]
+        assert decision["threshold"] <= calibration.threshold(decision["quality"], 0.01) + decision["cohort"] + 1e-4
     fixed = run(clip.path, "--gallery", setup["gallery"], "--models", setup["models"], "--threshold", "0.99",
                 "--json", tmp_path / "fixed.json", "--no-frames")
     assert fixed.exit_code == 0, fixed.output
@@ -297,8 +343,12 @@ def test_damaged_calibration_file_is_one_line(setup, tmp_path):
     with pytest.raises(PetalError, match="not valid JSON.*petal-gallery calibrate") as caught:
         Pipeline.from_dir(setup["models"], gallery)
     assert "\n" not in str(caught.value)
-    calibration_path(gallery).write_text(json.dumps({"format": 1, "bins": [{"low": 0}]}))
+    calibration_path(gallery).write_text(json.dumps({"format": CALIBRATION_FORMAT, "bins": [{"low": 0}]}))
     with pytest.raises(PetalError, match="not a PETAL open-set calibration"):
+        Pipeline.from_dir(setup["models"], gallery)
+    # A calibration of the raw-cosine statistic (format 1): refused with the command that rebuilds it.
+    calibration_path(gallery).write_text(json.dumps({"format": 1, "bins": [{"low": 0}]}))
+    with pytest.raises(PetalError, match="calibration format 1.*rebuild it with: petal-gallery calibrate"):
         Pipeline.from_dir(setup["models"], gallery)
 
 
