@@ -462,6 +462,10 @@ class Trainer:
     def _load_progress(self, progress: dict) -> None:
         self.optimizer.load_state_dict(progress["optimizer"])
         self.scheduler.load_state_dict(progress["scheduler"])
+        # The schedule is this run's: resumed with another --max-steps, the next step's learning rate is
+        # the new schedule's at that step (not the old one's, which is 0 where the old run stopped).
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         if progress.get("scaler"):
             self.scaler.load_state_dict(progress["scaler"])
         self.epoch, self.step_in_epoch = int(progress["epoch"]), int(progress["step_in_epoch"])
@@ -579,7 +583,7 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         """One optimizer step on (images, labels) or (images, clean images, labels)."""
-        self.last_lr = self.scheduler.get_last_lr()[0]
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         clean, labels = rest if len(rest) == 2 else (None, rest[0])
         loss, accuracy, alpha, distance = self._backward(images, labels, clean)
         if self.cfg.clip_grad > 0:
