@@ -29,12 +29,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import signal
+import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,11 @@ class FitConfig:
     resume: bool = False
     progress: bool = True
     nproc: int = 1  # local processes to launch (torchrun sets WORLD_SIZE itself)
+    nnodes: int = 1  # machines in the job (launch on each: the same options, its own --node-rank)
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # HOST:PORT of node rank 0, for --nnodes > 1 without torchrun
+    rdzv_timeout: float = D.RDZV_TIMEOUT_S  # seconds every process waits for all the others to arrive
+    dist_timeout: float = D.DIST_TIMEOUT_S  # seconds a collective may wait (rank 0 calibrating, a node aligning)
     precision: str = "fp32"  # fp64: CPU-only numerical checks (e.g. multi-process against one process)
 
     def validate(self) -> None:
@@ -128,6 +133,19 @@ class FitConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise PetalError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("nproc", "nnodes"):
+            if getattr(self, name) < 1:
+                raise PetalError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise PetalError(f"--node-rank must be in 0..{self.nnodes - 1} for --nnodes {self.nnodes}, "
+                             f"got {self.node_rank}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise PetalError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node rank 0's address, the same on "
+                             "every node)")
+        if self.rdzv_endpoint:
+            D.parse_endpoint(self.rdzv_endpoint)
+        if not (self.rdzv_timeout > 0 and self.dist_timeout > 0):
+            raise PetalError("--rdzv-timeout and --dist-timeout must be positive")
         if self.max_steps is not None and self.max_steps < 1:
             raise PetalError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
@@ -161,6 +179,8 @@ class FitResult:
     epoch: int
     step: int
     signal: int | None = None
+    rank: int = 0  # the global rank this result was returned on (every rank returns one)
+    local_rank: int = 0
 
     @property
     def checkpoint(self) -> Path:
@@ -171,26 +191,36 @@ def fit(config: FitConfig) -> FitResult:
     """Train in this process, in `config.nproc` local processes, or as one rank under torchrun."""
     config.validate()
     D.resolve_device(config.device)  # a GPU option on a machine without one fails before any work
-    if config.nproc > 1:
-        D.launch(_fit_worker, (asdict(config),), config.nproc)
-        return _result_from_checkpoint(Path(config.out))
-    ctx = D.setup(config.device)
+    if config.nproc > 1 or config.nnodes > 1:
+        report = D.result_file()
+        try:
+            D.launch(_fit_worker, (asdict(config), str(report)), config.nproc, config.nnodes, config.node_rank,
+                     config.rdzv_endpoint)
+            result = json.loads(report.read_text())
+        finally:
+            report.unlink(missing_ok=True)
+        return FitResult(Path(config.out), result["status"], result["epoch"], result["step"], result["signal"],
+                         result["rank"])
+    return _train(config)
+
+
+def _train(config: FitConfig) -> FitResult:
+    """This process as one rank (of torchrun's, launch's, or the only one)."""
+    ctx = D.setup(config.device, config.rdzv_timeout, config.dist_timeout)
     try:
-        return Trainer(config, ctx).run()
+        result = Trainer(config, ctx).run()
     finally:
         D.teardown(ctx)
+    return replace(result, rank=ctx.rank, local_rank=ctx.local_rank)
 
 
-def _fit_worker(config: dict) -> None:
-    result = fit(FitConfig.from_dict({**config, "nproc": 1}))
+def _fit_worker(config: dict, report: str) -> None:
+    """One launched process: train as one rank, report to the launcher on this node (no shared disk needed)."""
+    result = _train(FitConfig.from_dict(config))
+    D.write_result(report, {"status": result.status, "epoch": result.epoch, "step": result.step,
+                            "signal": result.signal, "rank": result.rank}, result.local_rank)
     if result.status == "stopped":
         sys.exit(SIGNAL_EXIT.get(result.signal, 143))
-
-
-def _result_from_checkpoint(run_dir: Path) -> FitResult:
-    progress = load_checkpoint(run_dir / CHECKPOINT_FILE).progress
-    return FitResult(run_dir, progress.get("status", "finished"), int(progress.get("epoch", 0)),
-                     int(progress.get("global_step", 0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +369,9 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_path = self.out / CHECKPOINT_FILE
         self.stop_signal: int | None = None
-        resume = self._resume_state()
+        # Rank 0 reads the run folder and sends what it found: other nodes need not share its disk.
+        self._check_run_folder_on_main()
+        resume = D.on_main(self._resume_state, ctx)
         self._load_data()
         torch.manual_seed(config.seed)  # identical adapter and head initialisation on every rank
         self._build_model()
@@ -354,6 +386,7 @@ class Trainer:
                                      seed=config.seed, drop_last=True)
         self.batches = _Batches(sampler, config.batch_size)
         self.metrics = MetricsLog(self.out / METRICS_FILE, self.global_step if resume else None, ctx.is_main)
+        self.ranks = D.describe_ranks(ctx)
         if ctx.is_main:
             atomic_write_text(self.out / CONFIG_FILE, json.dumps(self._config_record(), indent=2))
 
@@ -361,10 +394,16 @@ class Trainer:
 
     def _load_data(self) -> None:
         config, ctx = self.cfg, self.ctx
-        self.data: TrainingData = load_training_data(config.data, config.holdout_fraction, config.seed,
-                                                     progress=config.progress and ctx.is_main,
-                                                     drop_eval_identities=config.drop_eval_identities,
-                                                     drop_dev_identities=config.drop_dev_identities)
+
+        def load() -> TrainingData:
+            return load_training_data(config.data, config.holdout_fraction, config.seed,
+                                      progress=config.progress and ctx.is_local_main,
+                                      drop_eval_identities=config.drop_eval_identities,
+                                      drop_dev_identities=config.drop_dev_identities)
+
+        # Each node's local rank 0 aligns (and caches, on its own disk) first; the node's others read the cache.
+        self.data: TrainingData = D.local_main_first(load, ctx)
+        self._check_same_data()
         self.dataset = DegradedFaces(self.data.images, self.data.labels, seed=config.seed, p_clean=config.p_clean,
                                      config=DegradeConfig(exclude=tuple(config.exclude_families),
                                                           p_plain=config.p_plain),
@@ -377,6 +416,17 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         # The learning rate decays to zero where training stops: at --max-steps when that comes first.
         self.schedule_steps = min(self.total_steps, config.max_steps or self.total_steps)
+
+    def _check_same_data(self) -> None:
+        """Every rank must index the same faces: a node with another copy of --data is refused, naming it."""
+        digest = hashlib.sha256("\0".join(self.data.names).encode())
+        digest.update(self.data.labels.tobytes())
+        mine = f"{len(self.data)} images of {self.data.num_classes} identities (sha256 {digest.hexdigest()[:12]})"
+        seen = D.gather_object((self.ctx.node_rank, mine), self.ctx)
+        odd = [(node, what) for node, what in seen if what != seen[0][1]]
+        if odd:
+            raise PetalError(f"--data {self.cfg.data} differs between nodes: node {seen[0][0]} has {seen[0][1]}, "
+                             f"node {odd[0][0]} has {odd[0][1]}; give every node the same data set")
 
     def _build_model(self) -> None:
         config = self.cfg
@@ -438,6 +488,21 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_warmup(warmup, self.schedule_steps, config.poly_power))
         self.scaler = D.grad_scaler(ctx=self.ctx)
+
+    def _check_run_folder_on_main(self) -> None:
+        """--resume where rank 0 sees no checkpoint but another node does: refused, not a fresh start.
+
+        The run folder is global rank 0's; with torchrun's c10d rendezvous rank 0 is the node whose
+        address sorts first, not necessarily the one that held it last time."""
+        if not (self.cfg.resume and self.ctx.distributed):
+            return
+        found = D.gather_object((self.ckpt_path.is_file(), self.ctx.node_rank, socket.gethostname()), self.ctx)
+        if not found[0][0] and any(has for has, _, _ in found):
+            node, host = next((node, host) for has, node, host in found if has)
+            raise PetalError(f"--resume: global rank 0 (node {found[0][1]}, {found[0][2]}) has no {self.ckpt_path}, "
+                             f"but node {node} ({host}) has one: put --out on a disk every node shares, or make "
+                             f"{host} node rank 0 again (torchrun --rdzv-backend static --node-rank 0, or a "
+                             "--local-addr that sorts first)")
 
     def _resume_state(self) -> AdapterCheckpoint | None:
         exists = self.ckpt_path.is_file()
@@ -523,7 +588,9 @@ class Trainer:
         return sums
 
     def _config_record(self) -> dict:
-        return {"config": asdict(self.cfg), "world_size": self.ctx.world_size, "global_batch": self.global_batch,
+        return {"config": asdict(self.cfg), "world_size": self.ctx.world_size,
+                "nnodes": len({r["node_rank"] for r in self.ranks}), "ranks": self.ranks,
+                "global_batch": self.global_batch,
                 "device": str(self.device), "backend": self.ctx.backend or "single-process",
                 "layout": self.data.layout, "train_images": len(self.data), "train_identities": self.data.num_classes,
                 "holdout_identities": self.data.holdout,
@@ -772,9 +839,19 @@ _DEFAULTS = FitConfig(data="", out="")
               help="Calibration JSON with the threshold t.")
 @click.option("--iqa", type=click.Path(exists=True, dir_okay=False), help="CNNIQA weights (default: the shipped ones).")
 @click.option("--seed", default=_DEFAULTS.seed, show_default=True)
+@click.option("--precision", type=click.Choice(tuple(PRECISIONS)), default=_DEFAULTS.precision, show_default=True,
+              help="fp64: CPU-only numerical checks (a multi-process or multi-node run against one process).")
 @click.option("--device", type=click.Choice(D.DEVICES), default=_DEFAULTS.device, show_default=True)
 @click.option("--nproc", default=_DEFAULTS.nproc, show_default=True,
               help="Local processes (DDP); or launch with torchrun.")
+@click.option("--nnodes", default=_DEFAULTS.nnodes, show_default=True,
+              help="Machines in the job: run this command on each, with its own --node-rank (or use torchrun).")
+@click.option("--node-rank", default=_DEFAULTS.node_rank, show_default=True, help="This machine's index, 0..nnodes-1.")
+@click.option("--rdzv-endpoint", help="HOST:PORT of node rank 0, where every node meets (with --nnodes > 1).")
+@click.option("--rdzv-timeout", default=_DEFAULTS.rdzv_timeout, show_default=True,
+              help="Seconds each process waits for all the others to arrive before giving up.")
+@click.option("--dist-timeout", default=_DEFAULTS.dist_timeout, show_default=True,
+              help="Seconds a process may wait for the others after the rendezvous (e.g. a node aligning its data).")
 @click.option("--workers", type=int, help="DataLoader workers per process (default 0 on CPU, 4 on GPU).")
 @click.option("--log-every", default=_DEFAULTS.log_every, show_default=True)
 @click.option("--save-every", default=_DEFAULTS.save_every, show_default=True, help="Also checkpoint every N steps.")
@@ -785,7 +862,7 @@ def fit_command(no_progress: bool, **options) -> None:
     result = fit(FitConfig(progress=not no_progress, **options))
     if result.status == "stopped":
         sys.exit(SIGNAL_EXIT.get(result.signal, 143))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns here
+    if result.rank == 0:  # under torchrun every rank returns here, and every node's launcher
         click.echo(f"{result.status}: epoch {result.epoch}, step {result.step}; checkpoint {result.checkpoint}")
 
 
