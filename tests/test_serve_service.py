@@ -156,8 +156,8 @@ def test_event_format(three_sources):
     version = three_sources["sources"]["gallery"]["version"]
     identified = [e for e in events if e["type"] == "identified"]
     for e in identified:
-        assert {"source", "track_id", "identity", "score", "far", "threshold", "rule", "decision_quality", "quality",
-                "frame", "frame_time", "time", "gallery_version", "previous_identity", "top_k",
+        assert {"source", "track_id", "identity", "score", "far", "threshold", "cohort", "rule", "decision_quality",
+                "quality", "frame", "frame_time", "time", "gallery_version", "previous_identity", "top_k",
                 "latency_ms"} <= e.keys()
         assert e["gallery_version"] == version and len(version) == 12
         assert e["score"] >= e["threshold"] and e["top_k"][0]["name"] == e["identity"]
@@ -417,9 +417,10 @@ def test_identified_events_carry_the_far_and_the_threshold_for_their_quality(set
     assert identified and {e["identity"] for e in identified} <= set(clip.identities)
     for e in identified:
         assert e["rule"] == "far" and e["far"] == far
-        expected = calibration.threshold(e["decision_quality"], far)
+        # The calibrated value for its quality above the track's mean cosine over the gallery (cohort).
+        expected = calibration.threshold(e["decision_quality"], far) + e["cohort"]
         assert abs(e["threshold"] - expected) < 1e-3, (e, expected)
         assert e["score"] >= e["threshold"]
     per_bin = [t for t, _ in calibration.bin_thresholds(far)]
-    assert all(min(per_bin) - 1e-4 <= e["threshold"] <= max(per_bin) + 1e-4 for e in identified)
+    assert all(min(per_bin) - 2e-4 <= e["threshold"] - e["cohort"] <= max(per_bin) + 2e-4 for e in identified)
 

@@ -294,6 +294,7 @@ class SourceRunner:
                  "score": None if not np.isfinite(score) else round(float(score), 4),
                  "far": None if decision is None or decision.far is None else round(float(decision.far), 6),
                  "threshold": None if decision is None else round(float(decision.threshold), 4),
+                 "cohort": None if decision is None else round(float(decision.cohort), 4),
                  "rule": None if decision is None else decision.rule,
                  "decision_quality": None if decision is None else round(float(decision.quality), 4),
                  "quality": (round(float(face.quality), 4) if face is not None and np.isfinite(face.quality)
