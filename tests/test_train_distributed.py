@@ -95,7 +95,7 @@ def _node_env(home: Path) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "PETAL_HOME": str(home), "OMP_NUM_THREADS": "1"}
 
 
-def _two_torchrun_nodes(nodes: list[Path], fit_args: list[str], timeout: float = 300) -> list[tuple[int, str]]:
+def _two_torchrun_nodes(nodes: list[Path], fit_args: list[str], timeout: float = 600) -> list[tuple[int, str]]:
     """Node 0 and node 1 of one job, started together; (returncode, stderr) of each launcher.
 
     With the c10d rendezvous torchrun numbers the nodes itself (--node-rank is ignored) in the order
@@ -109,7 +109,17 @@ def _two_torchrun_nodes(nodes: list[Path], fit_args: list[str], timeout: float =
                    "--monitor-interval", "0.1", "-m", "petal_train.cli", "fit", *fit_args]
         processes.append(subprocess.Popen(command, cwd=node, env=_node_env(node / "home"), text=True,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    errors = [p.communicate(timeout=timeout)[1] for p in processes]
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in processes]
+    finally:
+        for p in processes:  # a launcher left waiting for its peer after the other failed
+            if p.poll() is None:
+                p.terminate()  # torchrun passes SIGTERM on to its worker
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
     return [(p.returncode, e) for p, e in zip(processes, errors)]
 
 
